@@ -1,0 +1,142 @@
+"""The event vocabulary shared by drivers, the log, processors and forwarders.
+
+A driver produces `Reading`s (and `Rejected` bad input); the log turns each into an `Event`
+with a stream, a per-stream sequence number and a stable identity `<log id>:<stream>:<seq>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Stream(StrEnum):
+    """The log's partitions. Consumers read one or more of them, each with its own cursor."""
+
+    READINGS = "readings"
+    AGGREGATES = "aggregates"
+    ALERTS = "alerts"
+    AGENT = "agent"
+    DEADLETTER = "deadletter"
+
+
+#: Forwarding priority: alerts first, then what the agent says about itself (gaps), then
+#: aggregates, then the bulk of readings.
+LANES: tuple[Stream, ...] = (
+    Stream.ALERTS,
+    Stream.AGENT,
+    Stream.AGGREGATES,
+    Stream.READINGS,
+    Stream.DEADLETTER,
+)
+
+
+@dataclass(slots=True, frozen=True)
+class Sample:
+    """What a decoder finds in one line or message: a value for a sensor, maybe a device time."""
+
+    sensor: str
+    value: float
+    unit: str | None = None
+    time: float | None = None  # device time, seconds since the epoch, when the device sends one
+
+
+@dataclass(slots=True, frozen=True)
+class Invalid:
+    """A decoder's verdict on input it cannot use: a short kind and a human detail."""
+
+    reason: str  # a stable kind, used as a counter label: "invalid_json", "nan", ...
+    detail: str
+
+
+@dataclass(slots=True, frozen=True)
+class Reading:
+    """One sensor value as received, before it is in the log.
+
+    `event_time` is the device's time when it sent one, else the receive time; `recv_time` is
+    the wall clock at receipt and `mono` the monotonic clock, which windows run on so that a
+    wall-clock step (no RTC, NTP at boot) neither breaks windows nor reorders anything.
+    """
+
+    sensor: str
+    value: float
+    unit: str | None
+    event_time: float
+    recv_time: float
+    mono: float
+    source: str
+
+
+@dataclass(slots=True, frozen=True)
+class Rejected:
+    """Bad input on its way to the `deadletter` stream: the raw bytes and why."""
+
+    raw: bytes
+    reason: str
+    detail: str
+    source: str
+    recv_time: float
+    mono: float
+
+
+@dataclass(slots=True)
+class Event:
+    """A committed entry of the log, as consumers see it.
+
+    `kind` names what it is within its stream: `reading`, `aggregate`, `alert.raised`,
+    `alert.cleared`, `gap`, `deadletter`, `agent.started`, ...
+    """
+
+    stream: str
+    seq: int
+    kind: str
+    time: float
+    recv_time: float
+    mono: float
+    sensor: str | None = None
+    value: float | None = None
+    unit: str | None = None
+    data: dict[str, Any] | None = None
+    raw: bytes | None = None
+
+    def event_id(self, log_id: str) -> str:
+        """The stable identity sent upstream, so the receiver can drop duplicates."""
+        return f"{log_id}:{self.stream}:{self.seq}"
+
+    def to_wire(self, log_id: str) -> dict[str, Any]:
+        """The JSON form sent upstream (see README, "Upstream wire format")."""
+        out: dict[str, Any] = {
+            "id": self.event_id(log_id),
+            "stream": self.stream,
+            "seq": self.seq,
+            "kind": self.kind,
+            "time": self.time,
+            "recv_time": self.recv_time,
+        }
+        if self.sensor is not None:
+            out["sensor"] = self.sensor
+        if self.value is not None:
+            out["value"] = self.value
+        if self.unit is not None:
+            out["unit"] = self.unit
+        if self.data is not None:
+            out["data"] = self.data
+        if self.raw is not None:
+            out["raw"] = self.raw.decode("utf-8", errors="backslashreplace")
+        return out
+
+
+@dataclass(slots=True)
+class NewEvent:
+    """An event to append that is not a reading: aggregates, alerts, gaps, deadletter."""
+
+    kind: str
+    time: float
+    recv_time: float
+    mono: float
+    sensor: str | None = None
+    value: float | None = None
+    unit: str | None = None
+    data: dict[str, Any] | None = field(default=None)
+    raw: bytes | None = None
