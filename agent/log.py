@@ -1,0 +1,693 @@
+"""The event log: SQLite in WAL mode, one writer, group commit, cursors, quota.
+
+Every event enters the agent here before anything else happens to it (write-ahead). The log is
+the channel between producers (drivers, processors) and consumers (processors, forwarders,
+actions): each consumer keeps named cursors, reads what was committed after them, and moves
+them only once its own effect is durable.
+
+Concurrency: one writer task owns the write connection; `submit` only queues. Readers share a
+second connection. Consumers only ever see committed events, because the in-memory heads they
+wait on are advanced after the COMMIT returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from agent.config import LogConfig
+from agent.events import Event, NewEvent, Reading, Rejected, Stream
+
+log = logging.getLogger(__name__)
+
+# Streams are stored as small integers: a reading row is written a million times a day on a
+# Pi's SD card, and the stream name would otherwise be a third of its key.
+STREAM_CODES: dict[Stream, int] = {
+    Stream.READINGS: 1,
+    Stream.AGGREGATES: 2,
+    Stream.ALERTS: 3,
+    Stream.AGENT: 4,
+    Stream.DEADLETTER: 5,
+}
+CODE_STREAMS = {code: stream for stream, code in STREAM_CODES.items()}
+
+# The order in which a full disk gives up events: readings first, alerts and gaps never.
+DROP_ORDER = (Stream.READINGS, Stream.DEADLETTER, Stream.AGGREGATES)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    stream INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    time REAL NOT NULL,
+    recv_time REAL NOT NULL,
+    mono REAL NOT NULL,
+    sensor TEXT,
+    value REAL,
+    unit TEXT,
+    data TEXT,
+    raw BLOB,
+    PRIMARY KEY (stream, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS heads (stream INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS cursors (
+    consumer TEXT NOT NULL,
+    stream INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    state TEXT,
+    updated REAL NOT NULL,
+    PRIMARY KEY (consumer, stream)
+);
+"""
+
+_INSERT = (
+    "INSERT INTO events (stream, seq, kind, time, recv_time, mono, sensor, value, unit, data, raw)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT = "SELECT seq, kind, time, recv_time, mono, sensor, value, unit, data, raw FROM events"
+
+
+class LogError(Exception):
+    """The log cannot be opened or written."""
+
+
+@dataclass(slots=True, frozen=True)
+class CursorUpdate:
+    """Move `consumer`'s cursor on `stream` to `seq` (and keep its state), in the same commit."""
+
+    consumer: str
+    stream: Stream
+    seq: int
+    state: str | None = None
+
+
+@dataclass(slots=True)
+class Committed:
+    """What a submission became: per stream, the seq of its first and last event."""
+
+    ranges: dict[Stream, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Submission:
+    readings: Sequence[Reading | Rejected]
+    events: Mapping[Stream, Sequence[NewEvent]]
+    cursors: Sequence[CursorUpdate]
+    size: int
+    future: asyncio.Future[Committed]
+
+
+@dataclass(slots=True)
+class LogStats:
+    """Counters the log keeps about itself, for `status` and for tests."""
+
+    commits: int = 0
+    events_written: int = 0
+    last_commit_size: int = 0
+    max_commit_size: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    pruned: dict[str, int] = field(default_factory=dict)
+    write_errors: int = 0
+    last_write_error: str | None = None
+
+
+def _reading_row(code: int, seq: int, r: Reading) -> tuple[Any, ...]:
+    return (
+        code,
+        seq,
+        "reading",
+        r.event_time,
+        r.recv_time,
+        r.mono,
+        r.sensor,
+        r.value,
+        r.unit,
+        None,
+        None,
+    )
+
+
+def _rejected_row(code: int, seq: int, r: Rejected) -> tuple[Any, ...]:
+    data = json.dumps({"reason": r.reason, "detail": r.detail, "source": r.source})
+    return (
+        code,
+        seq,
+        "deadletter",
+        r.recv_time,
+        r.recv_time,
+        r.mono,
+        None,
+        None,
+        None,
+        data,
+        r.raw,
+    )
+
+
+def _event_row(code: int, seq: int, e: NewEvent) -> tuple[Any, ...]:
+    data = None if e.data is None else json.dumps(e.data, separators=(",", ":"))
+    return (code, seq, e.kind, e.time, e.recv_time, e.mono, e.sensor, e.value, e.unit, data, e.raw)
+
+
+def _to_event(stream: Stream, row: Sequence[Any]) -> Event:
+    seq, kind, t, recv, mono, sensor, value, unit, data, raw = row
+    return Event(
+        stream=stream.value,
+        seq=seq,
+        kind=kind,
+        time=t,
+        recv_time=recv,
+        mono=mono,
+        sensor=sensor,
+        value=value,
+        unit=unit,
+        data=None if data is None else json.loads(data),
+        raw=raw,
+    )
+
+
+class EventLog:
+    """The durable, append-only, multi-stream event log. Open it with `EventLog.open`."""
+
+    def __init__(self, path: Path, cfg: LogConfig) -> None:
+        self.path = path
+        self.cfg = cfg
+        self.log_id = ""
+        self.stats = LogStats()
+        self._heads: dict[Stream, int] = dict.fromkeys(Stream, 0)
+        self._tails: dict[Stream, int] = dict.fromkeys(Stream, 1)
+        self._cursors: dict[tuple[str, Stream], int] = {}
+        self._writer_db: aiosqlite.Connection | None = None
+        self._reader_db: aiosqlite.Connection | None = None
+        self._pending: deque[_Submission] = deque()
+        self._pending_size = 0
+        self._wake = asyncio.Event()
+        self._space = asyncio.Condition()
+        self._committed = asyncio.Condition()
+        self._closing = False
+        self._writer_task: asyncio.Task[None] | None = None
+        self._last_retention = 0.0
+        self._retention_waiters: list[asyncio.Future[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: str | Path, cfg: LogConfig | None = None) -> AsyncIterator[EventLog]:
+        """Open (or create) the log at `path`; on exit, drain what was submitted and close."""
+        self = cls(Path(path), cfg or LogConfig())
+        await self._open()
+        try:
+            yield self
+        finally:
+            await self._close()
+
+    async def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise LogError(f"cannot open the log {self.path}: {exc}") from exc
+        self._writer_db = db
+        sync = "FULL" if self.cfg.synchronous == "full" else "NORMAL"
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute(f"PRAGMA synchronous={sync}")
+            # After a checkpoint the WAL file is cut back to this, so it stays bounded on disk.
+            await db.execute("PRAGMA journal_size_limit=16777216")
+            await db.executescript(_SCHEMA)
+            self.log_id = await self._load_log_id(db)
+            await self._load_positions(db)
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise LogError(f"the log {self.path} is not usable: {exc}") from exc
+        self._reader_db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._reader_db.execute("PRAGMA query_only=1")
+        self._last_retention = time.monotonic()
+        self._writer_task = asyncio.create_task(self._writer(), name="log-writer")
+
+    async def _load_log_id(self, db: aiosqlite.Connection) -> str:
+        async with db.execute("SELECT value FROM meta WHERE key='log_id'") as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return str(row[0])
+        log_id = secrets.token_hex(6)
+        await db.execute("INSERT INTO meta (key, value) VALUES ('log_id', ?)", (log_id,))
+        return log_id
+
+    async def _load_positions(self, db: aiosqlite.Connection) -> None:
+        for stream, code in STREAM_CODES.items():
+            async with db.execute(
+                "SELECT min(seq), max(seq) FROM events WHERE stream=?", (code,)
+            ) as cur:
+                row = await cur.fetchone()
+            async with db.execute("SELECT seq FROM heads WHERE stream=?", (code,)) as cur:
+                head_row = await cur.fetchone()
+            lo, hi = (row or (None, None))[:2]
+            # The head survives in its own table, so seqs never repeat even after every
+            # event of a stream was dropped by the quota.
+            head = max(hi or 0, head_row[0] if head_row else 0)
+            self._heads[stream] = head
+            self._tails[stream] = lo if lo is not None else head + 1
+        async with db.execute("SELECT consumer, stream, seq FROM cursors") as cur:
+            async for consumer, code, seq in cur:
+                self._cursors[(consumer, CODE_STREAMS[code])] = seq
+
+    async def _close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._writer_task is not None:
+            await self._writer_task
+        if self._writer_db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await self._writer_db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await self._writer_db.close()
+        if self._reader_db is not None:
+            await self._reader_db.close()
+
+    # ------------------------------------------------------------------ writing
+
+    async def submit(
+        self,
+        readings: Sequence[Reading | Rejected] = (),
+        events: Mapping[Stream, Sequence[NewEvent]] | None = None,
+        cursors: Sequence[CursorUpdate] = (),
+    ) -> asyncio.Future[Committed]:
+        """Queue events (and cursor moves) for the next group commit.
+
+        Waits while the queue is full (back-pressure), then returns a future that resolves
+        once everything in this call is committed, all in one transaction. Readings go to the
+        `readings` stream and `Rejected` input to `deadletter`.
+        """
+        if self._closing:
+            raise LogError("the log is closing")
+        events = events or {}
+        size = len(readings) + sum(len(v) for v in events.values()) + len(cursors)
+        async with self._space:
+            # A submission larger than the whole queue still goes in once the queue is empty.
+            await self._space.wait_for(
+                lambda: self._pending_size == 0 or self._pending_size + size <= self.cfg.queue_size
+            )
+            future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+            self._pending.append(_Submission(readings, events, cursors, size, future))
+            self._pending_size += size
+        self._wake.set()
+        return future
+
+    async def append(
+        self,
+        readings: Sequence[Reading | Rejected] = (),
+        events: Mapping[Stream, Sequence[NewEvent]] | None = None,
+        cursors: Sequence[CursorUpdate] = (),
+    ) -> Committed:
+        """Submit and wait for the commit."""
+        return await (await self.submit(readings, events, cursors))
+
+    @property
+    def queued(self) -> int:
+        """Events and cursor moves waiting for the next commit."""
+        return self._pending_size
+
+    async def _writer(self) -> None:
+        last_commit = 0.0
+        while True:
+            due = time.monotonic() - self._last_retention >= self.cfg.retention_interval
+            if self._retention_waiters or due:
+                await self._retention()
+                for waiter in self._retention_waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                self._retention_waiters.clear()
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wake.clear()
+                # Wake up for retention too, so an idle log still ages out old events.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.cfg.retention_interval)
+                continue
+            # Spacing commits trades a little latency for far fewer fsyncs (flash wear);
+            # what arrives meanwhile joins this commit.
+            delay = last_commit + self.cfg.commit_interval - time.monotonic()
+            if delay > 0 and not self._closing:
+                await asyncio.sleep(delay)
+            batch = self._take_batch()
+            try:
+                await self._commit(batch)
+            except sqlite3.Error as exc:
+                # Disk full or I/O error: nothing of this batch is visible; keep it at the
+                # front of the queue and retry, so inputs wait (back-pressure) instead of losing.
+                self.stats.write_errors += 1
+                self.stats.last_write_error = str(exc)
+                log.error("log write failed, will retry: %s", exc)
+                for sub in reversed(batch):
+                    self._pending.appendleft(sub)
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(self.stats.write_errors, 6)))
+                continue
+            last_commit = time.monotonic()
+            size = sum(s.size for s in batch)
+            self._pending_size -= size
+            async with self._space:
+                self._space.notify_all()
+
+    def _take_batch(self) -> list[_Submission]:
+        batch = [self._pending.popleft()]
+        total = batch[0].size
+        while self._pending and total + self._pending[0].size <= self.cfg.max_batch:
+            sub = self._pending.popleft()
+            total += sub.size
+            batch.append(sub)
+        return batch
+
+    async def _commit(self, batch: list[_Submission]) -> None:
+        db = self._writer_db
+        assert db is not None
+        heads = dict(self._heads)
+        rows: list[tuple[Any, ...]] = []
+        results: list[Committed] = []
+        cursor_rows: list[tuple[Any, ...]] = []
+        now = time.time()
+        read_code, dead_code = STREAM_CODES[Stream.READINGS], STREAM_CODES[Stream.DEADLETTER]
+        for sub in batch:
+            committed = Committed()
+            first = {
+                Stream.READINGS: heads[Stream.READINGS],
+                Stream.DEADLETTER: heads[Stream.DEADLETTER],
+            }
+            for r in sub.readings:
+                if isinstance(r, Reading):
+                    heads[Stream.READINGS] += 1
+                    rows.append(_reading_row(read_code, heads[Stream.READINGS], r))
+                else:
+                    heads[Stream.DEADLETTER] += 1
+                    rows.append(_rejected_row(dead_code, heads[Stream.DEADLETTER], r))
+            for stream, events in sub.events.items():
+                code = STREAM_CODES[stream]
+                first.setdefault(stream, heads[stream])
+                for e in events:
+                    heads[stream] += 1
+                    rows.append(_event_row(code, heads[stream], e))
+            for stream, before in first.items():
+                if heads[stream] > before:
+                    committed.ranges[stream] = (before + 1, heads[stream])
+            for c in sub.cursors:
+                cursor_rows.append((c.consumer, STREAM_CODES[c.stream], c.seq, c.state, now))
+            results.append(committed)
+        changed = [(STREAM_CODES[s], heads[s]) for s in Stream if heads[s] != self._heads[s]]
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if rows:
+                await db.executemany(_INSERT, rows)
+            if changed:
+                await db.executemany(
+                    "INSERT INTO heads (stream, seq) VALUES (?, ?)"
+                    " ON CONFLICT (stream) DO UPDATE SET seq=excluded.seq",
+                    changed,
+                )
+            if cursor_rows:
+                await db.executemany(
+                    "INSERT INTO cursors (consumer, stream, seq, state, updated)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer, stream) DO UPDATE"
+                    " SET seq=excluded.seq, state=excluded.state, updated=excluded.updated",
+                    cursor_rows,
+                )
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
+        # Only now may consumers see the new events and sources be acknowledged.
+        self._heads = heads
+        for sub in batch:
+            for c in sub.cursors:
+                self._cursors[(c.consumer, c.stream)] = c.seq
+        self.stats.commits += 1
+        self.stats.events_written += len(rows)
+        self.stats.last_commit_size = len(rows)
+        self.stats.max_commit_size = max(self.stats.max_commit_size, len(rows))
+        for sub, committed in zip(batch, results, strict=True):
+            if not sub.future.done():
+                sub.future.set_result(committed)
+        async with self._committed:
+            self._committed.notify_all()
+
+    # ------------------------------------------------------------------ reading
+
+    def head(self, stream: Stream) -> int:
+        """The seq of the newest committed event of `stream` (0 when it never had one)."""
+        return self._heads[stream]
+
+    def tail(self, stream: Stream) -> int:
+        """The seq of the oldest event still kept (head + 1 when the stream is empty)."""
+        return self._tails[stream]
+
+    async def read(self, stream: Stream, after: int, limit: int = 500) -> list[Event]:
+        """Committed events of `stream` with seq > `after`, oldest first, at most `limit`."""
+        db = self._reader_db
+        assert db is not None
+        upto = self._heads[stream]
+        if after >= upto:
+            return []
+        async with db.execute(
+            _SELECT + " WHERE stream=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
+            (STREAM_CODES[stream], after, upto, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_to_event(stream, row) for row in rows]
+
+    async def wait_for(self, stream: Stream, after: int, within: float | None = None) -> bool:
+        """Wait until `stream` has a committed event past `after`; False after `within` s."""
+        return await self.wait_any((stream,), {stream: after}, within)
+
+    async def wait_any(
+        self, streams: Iterable[Stream], after: Mapping[Stream, int], within: float | None = None
+    ) -> bool:
+        """Wait until any of `streams` has a committed event past its `after` seq."""
+        streams = tuple(streams)
+
+        def ready() -> bool:
+            return any(self._heads[s] > after.get(s, 0) for s in streams)
+
+        async with self._committed:
+            try:
+                await asyncio.wait_for(self._committed.wait_for(ready), within)
+            except TimeoutError:
+                return False
+        return True
+
+    async def seq_at(self, stream: Stream, since: float) -> int:
+        """The seq just before the first event received at or after wall time `since`.
+
+        For replays "from a time": binary search on seq, since receive times follow seq
+        except across clock steps.
+        """
+        lo, hi = self._tails[stream], self._heads[stream]
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            t = await self._recv_time_near(stream, mid)
+            if t is None or t >= since:
+                hi = mid - 1
+            else:
+                lo = mid + 1
+        return lo - 1
+
+    async def _recv_time_near(self, stream: Stream, seq: int) -> float | None:
+        db = self._reader_db
+        assert db is not None
+        async with db.execute(
+            "SELECT recv_time FROM events WHERE stream=? AND seq>=? ORDER BY seq LIMIT 1",
+            (STREAM_CODES[stream], seq),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else float(row[0])
+
+    # ------------------------------------------------------------------ cursors
+
+    async def register(self, consumer: str, streams: Iterable[Stream]) -> None:
+        """Make `consumer` known on `streams` (cursor 0 when new), so drops count against it."""
+        missing = [s for s in streams if (consumer, s) not in self._cursors]
+        if missing:
+            await self.append(cursors=[CursorUpdate(consumer, s, 0) for s in missing])
+
+    def cursor(self, consumer: str, stream: Stream) -> int:
+        """Where `consumer` is on `stream`: the seq of the last event whose effect is durable."""
+        return self._cursors.get((consumer, stream), 0)
+
+    async def cursor_state(self, consumer: str, stream: Stream) -> str | None:
+        """The state a consumer committed together with its cursor (processors keep theirs)."""
+        db = self._reader_db
+        assert db is not None
+        async with db.execute(
+            "SELECT state FROM cursors WHERE consumer=? AND stream=?",
+            (consumer, STREAM_CODES[stream]),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
+    def cursors(self) -> dict[tuple[str, Stream], int]:
+        """Every consumer's cursor, by (consumer, stream)."""
+        return dict(self._cursors)
+
+    # ------------------------------------------------------------------ bounds
+
+    async def disk_usage(self) -> int:
+        """Bytes the log occupies: live pages of the database plus the WAL file."""
+        db = self._writer_db
+        assert db is not None
+        values = []
+        for pragma in ("page_count", "freelist_count", "page_size"):
+            async with db.execute(f"PRAGMA {pragma}") as cur:
+                row = await cur.fetchone()
+                values.append(int(row[0]) if row else 0)
+        pages, free, page_size = values
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        return (pages - free) * page_size + wal
+
+    async def enforce_retention(self) -> None:
+        """Apply the disk quota and the maximum age now (the writer also does it periodically).
+
+        The pass runs in the writer task, the only one that writes, between two commits.
+        """
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._retention_waiters.append(waiter)
+        self._wake.set()
+        await waiter
+
+    async def _retention(self) -> None:
+        self._last_retention = time.monotonic()
+        db = self._writer_db
+        assert db is not None
+        try:
+            await self._drop_aged()
+            await self._drop_over_quota()
+            await db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.error("retention pass failed, will retry: %s", exc)
+
+    async def _drop_aged(self) -> None:
+        cutoff = time.time() - self.cfg.max_age
+        for stream in Stream:
+            if self._tails[stream] > self._heads[stream]:
+                continue
+            first = await self._recv_time_near(stream, self._tails[stream])
+            if first is None or first >= cutoff:
+                continue
+            upto = await self.seq_at(stream, cutoff)
+            if upto >= self._tails[stream]:
+                await self._drop(stream, upto, "max_age")
+
+    async def _drop_over_quota(self) -> None:
+        used = await self.disk_usage()
+        if used <= self.cfg.quota:
+            return
+        # Free 10% below the quota, so a log at its bound is not trimmed on every commit.
+        target = int(self.cfg.quota * 0.9)
+        for stream in DROP_ORDER:
+            kept = {s: self._heads[s] - self._tails[s] + 1 for s in Stream}
+            total = sum(kept.values())
+            if kept[stream] <= 0 or total <= 0:
+                continue
+            per_event = used / total
+            n = min(kept[stream], max(1, int((used - target) / per_event) + 1))
+            await self._drop(stream, self._tails[stream] + n - 1, "quota")
+            used = await self.disk_usage()
+            if used <= target:
+                return
+        log.warning(
+            "log is over its quota (%d > %d bytes) with nothing left to drop", used, self.cfg.quota
+        )
+
+    async def _drop(self, stream: Stream, upto: int, reason: str) -> None:
+        """Delete events of `stream` with seq <= `upto`, telling consumers what they lose."""
+        db = self._writer_db
+        assert db is not None
+        code = STREAM_CODES[stream]
+        lo = self._tails[stream]
+        async with db.execute(
+            "SELECT count(*), min(recv_time), max(recv_time), min(time), max(time)"
+            " FROM events WHERE stream=? AND seq BETWEEN ? AND ?",
+            (code, lo, upto),
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        count, first_recv, last_recv, first_time, last_time = row
+        consumers = [seq for (_, s), seq in self._cursors.items() if s == stream]
+        # Events every consumer already handled are pruned, not lost: only the ones some
+        # consumer has not yet seen make a gap.
+        slowest = min(consumers) if consumers else upto
+        unconsumed = max(0, upto - max(slowest, lo - 1))
+        now, mono = time.time(), time.monotonic()
+        gap = None
+        if unconsumed:
+            gap = _event_row(
+                STREAM_CODES[Stream.AGENT],
+                self._heads[Stream.AGENT] + 1,
+                NewEvent(
+                    kind="gap",
+                    time=now,
+                    recv_time=now,
+                    mono=mono,
+                    data={
+                        "stream": stream.value,
+                        "reason": reason,
+                        "count": count,
+                        "unconsumed": unconsumed,
+                        "first_seq": lo,
+                        "last_seq": upto,
+                        "first_recv_time": first_recv,
+                        "last_recv_time": last_recv,
+                        "first_time": first_time,
+                        "last_time": last_time,
+                    },
+                ),
+            )
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute(
+                "DELETE FROM events WHERE stream=? AND seq BETWEEN ? AND ?", (code, lo, upto)
+            )
+            if gap is not None:
+                await db.execute(_INSERT, gap)
+                await db.execute(
+                    "INSERT INTO heads (stream, seq) VALUES (?, ?)"
+                    " ON CONFLICT (stream) DO UPDATE SET seq=excluded.seq",
+                    (STREAM_CODES[Stream.AGENT], gap[1]),
+                )
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
+        self._tails[stream] = upto + 1
+        bucket = self.stats.dropped if gap is not None else self.stats.pruned
+        bucket[stream.value] = bucket.get(stream.value, 0) + count
+        if gap is not None:
+            self._heads[Stream.AGENT] = gap[1]
+            log.warning(
+                "dropped %d %s (seq %d..%d, %d not yet forwarded): %s",
+                count,
+                stream.value,
+                lo,
+                upto,
+                unconsumed,
+                reason,
+            )
+            async with self._committed:
+                self._committed.notify_all()

@@ -1,0 +1,228 @@
+"""The runtime: builds the pipeline from a validated config and runs it until told to stop.
+
+Shutdown is ordered (invariant 8): stop the drivers, drain what they read into the log, let the
+processor take one last pass and commit its cursor, stop the forwarders (a batch that was not
+acknowledged stays in the log for next time), then close the log, which commits what is queued
+and checkpoints the WAL. The whole shutdown is bounded by `agent.shutdown_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.backoff import Backoff
+from agent.config import AgentConfig
+from agent.events import NewEvent, Reading, Rejected, Stream
+from agent.log import EventLog
+from agent.processor import Processor
+from agent.upstream_http import HttpUpstream
+from drivers import build_driver
+from drivers.base import Driver, DriverError
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+@dataclass(slots=True)
+class InputStatus:
+    """What `status` shows for an input."""
+
+    connected: bool = False
+    since: float | None = None
+    readings: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    last_error: str | None = None
+    last_error_time: float | None = None
+    rate: float = 0.0
+
+
+class _RateLimitedLog:
+    """Logs a kind of bad input once per `period` per input; the rest are only counted."""
+
+    def __init__(self, period: float = 60.0) -> None:
+        self.period = period
+        self._last: dict[tuple[str, str], float] = {}
+
+    def __call__(self, r: Rejected) -> None:
+        key = (r.source, r.reason)
+        now = time.monotonic()
+        if now - self._last.get(key, -self.period) >= self.period:
+            self._last[key] = now
+            log.warning(
+                "input %s: bad input (%s): %s; kept in deadletter, more of this kind "
+                "are counted silently for %.0fs",
+                r.source,
+                r.reason,
+                r.detail,
+                self.period,
+            )
+
+
+def _ack_when_committed(ack: Callable[[], None]) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback that acknowledges the source only if the commit succeeded."""
+
+    def done(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            ack()
+
+    return done
+
+
+class Agent:
+    """The running pipeline: inputs → log → processor and upstreams."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.drivers: list[Driver] = [build_driver(i) for i in cfg.inputs]
+        self.inputs = {d.name: InputStatus() for d in self.drivers}
+        self.processor = Processor(cfg.processing)
+        self.upstreams = [HttpUpstream(u, cfg.agent.name) for u in cfg.upstreams]
+        self.started = time.time()
+        self.log: EventLog | None = None
+        self._bad_input_log = _RateLimitedLog()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask the agent to shut down (signal handlers call this)."""
+        self._stop.set()
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Run until `stop()`; returns after the ordered shutdown."""
+        async with EventLog.open(self.cfg.log_path, self.cfg.log) as event_log:
+            self.log = event_log
+            now = time.time()
+            await event_log.append(
+                events={
+                    Stream.AGENT: [
+                        NewEvent(
+                            kind="agent.started",
+                            time=now,
+                            recv_time=now,
+                            mono=time.monotonic(),
+                            data={
+                                "version": __version__,
+                                "name": self.cfg.agent.name,
+                                "pid": os.getpid(),
+                            },
+                        )
+                    ]
+                }
+            )
+            consumers_stop = asyncio.Event()
+            async with asyncio.TaskGroup() as consumers:
+                if self.processor.enabled:
+                    consumers.create_task(self.processor.run(event_log, consumers_stop))
+                for upstream in self.upstreams:
+                    consumers.create_task(upstream.run(event_log, consumers_stop))
+                consumers.create_task(self._status_loop(consumers_stop))
+                if ready is not None:
+                    ready.set()
+                log.info(
+                    "agent %s running: log %s (id %s), %d inputs, %d upstreams",
+                    self.cfg.agent.name,
+                    self.cfg.log_path,
+                    event_log.log_id,
+                    len(self.drivers),
+                    len(self.upstreams),
+                )
+                try:
+                    async with asyncio.TaskGroup() as inputs:
+                        for driver in self.drivers:
+                            inputs.create_task(self._ingest(driver, event_log))
+                        await self._stop.wait()
+                        log.info("stopping: closing inputs")
+                        async with asyncio.timeout(self.cfg.agent.shutdown_timeout):
+                            for driver in self.drivers:
+                                await driver.close()
+                finally:
+                    consumers_stop.set()
+            self._write_status()
+            log.info("stopped: log committed and closed")
+
+    async def _ingest(self, driver: Driver, event_log: EventLog) -> None:
+        """Read one input into the log, reconnecting with backoff until the agent stops."""
+        status = self.inputs[driver.name]
+        cfg = next(i for i in self.cfg.inputs if i.name == driver.name)
+        initial = getattr(cfg, "reconnect_initial", 0.5)
+        backoff = Backoff(initial, getattr(cfg, "reconnect_max", 30.0))
+        window_start, window_count = time.monotonic(), 0
+        delay = initial
+        while not self._stop.is_set():
+            try:
+                await driver.open()
+                status.connected, status.since = True, time.time()
+                async for batch in driver:
+                    future = await event_log.submit(batch.items)
+                    if batch.ack is not None:
+                        future.add_done_callback(_ack_when_committed(batch.ack))
+                    for item in batch.items:
+                        if isinstance(item, Reading):
+                            status.readings += 1
+                        else:
+                            status.rejected[item.reason] = status.rejected.get(item.reason, 0) + 1
+                            self._bad_input_log(item)
+                    window_count += len(batch.items)
+                    now = time.monotonic()
+                    if now - window_start >= 1.0:
+                        status.rate = window_count / (now - window_start)
+                        window_start, window_count = now, 0
+                    backoff.reset()
+                if not self._stop.is_set():
+                    log.info("input %s ended", driver.name)
+                return
+            except DriverError as exc:
+                status.connected = False
+                status.last_error, status.last_error_time = str(exc), time.time()
+                delay = backoff.next()
+                log.warning("input %s: %s; retrying in %.1fs", driver.name, exc, delay)
+            finally:
+                with contextlib.suppress(DriverError):
+                    await driver.close()
+                status.connected = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+
+    async def _status_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self._write_status()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.cfg.agent.status_interval)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The live figures `edge-agent status` shows next to what it reads from the log."""
+        event_log = self.log
+        return {
+            "pid": os.getpid(),
+            "name": self.cfg.agent.name,
+            "version": __version__,
+            "started": self.started,
+            "updated": time.time(),
+            "log_id": event_log.log_id if event_log else None,
+            "inputs": {name: asdict(s) for name, s in self.inputs.items()},
+            "upstreams": {u.cfg.name: asdict(u.status) for u in self.upstreams},
+            "processor": {
+                "processed": self.processor.processed,
+                "late": self.processor.pipeline.late,
+            },
+            "log": asdict(event_log.stats) | {"queued": event_log.queued} if event_log else {},
+        }
+
+    def _write_status(self) -> None:
+        path = Path(self.cfg.agent.data_dir) / STATUS_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.snapshot(), indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot write %s: %s", path, exc)
