@@ -577,7 +577,7 @@ class EventLog:
         try:
             await self._drop_aged()
             await self._drop_over_quota()
-            await db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.error("retention pass failed, will retry: %s", exc)
 
@@ -594,6 +594,10 @@ class EventLog:
                 await self._drop(stream, upto, "max_age")
 
     async def _drop_over_quota(self) -> None:
+        db = self._writer_db
+        assert db is not None
+        # Measure with the WAL folded back into the database, so its pages are not counted twice.
+        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         used = await self.disk_usage()
         if used <= self.cfg.quota:
             return
@@ -607,6 +611,7 @@ class EventLog:
             per_event = used / total
             n = min(kept[stream], max(1, int((used - target) / per_event) + 1))
             await self._drop(stream, self._tails[stream] + n - 1, "quota")
+            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             used = await self.disk_usage()
             if used <= target:
                 return

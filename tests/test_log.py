@@ -1,0 +1,209 @@
+"""The event log: write-ahead, seqs and ids, cursors, quota and age with gap events."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import LogConfig
+from agent.events import NewEvent, Reading, Rejected, Stream
+from agent.log import CursorUpdate, EventLog
+
+
+def reading(i: int, sensor: str = "t1", t: float | None = None) -> Reading:
+    now = time.time() if t is None else t
+    return Reading(sensor, float(i), "C", now, now, time.monotonic(), "test")
+
+
+def bad(raw: bytes = b"{nope") -> Rejected:
+    return Rejected(raw, "invalid_json", "Expecting value", "test", time.time(), time.monotonic())
+
+
+FAST = LogConfig(commit_interval=0.0)
+
+
+async def test_events_get_increasing_seqs_and_stable_ids(log_path: Path) -> None:
+    async with EventLog.open(log_path, FAST) as log:
+        log_id = log.log_id
+        first = await log.append([reading(i) for i in range(3)])
+        second = await log.append([reading(i) for i in range(3, 5)])
+        assert first.ranges[Stream.READINGS] == (1, 3)
+        assert second.ranges[Stream.READINGS] == (4, 5)
+        ids = [e.event_id(log_id) for e in await log.read(Stream.READINGS, 0)]
+    assert ids == [f"{log_id}:readings:{i}" for i in range(1, 6)]
+    assert len(log_id) >= 8
+    # Reopening keeps the log id and continues the seqs: ids are stable across restarts.
+    async with EventLog.open(log_path, FAST) as log:
+        assert log.log_id == log_id
+        again = await log.append([reading(9)])
+        assert again.ranges[Stream.READINGS] == (6, 6)
+        assert [e.event_id(log_id) for e in await log.read(Stream.READINGS, 0)][:5] == ids
+
+
+async def test_rejected_input_goes_to_deadletter_with_raw_bytes(log_path: Path) -> None:
+    async with EventLog.open(log_path, FAST) as log:
+        await log.append([reading(1), bad(b"\xff\xfe garbage"), reading(2)])
+        readings = await log.read(Stream.READINGS, 0)
+        dead = await log.read(Stream.DEADLETTER, 0)
+    assert [r.value for r in readings] == [1.0, 2.0]
+    assert len(dead) == 1
+    assert dead[0].raw == b"\xff\xfe garbage"
+    assert dead[0].data is not None and dead[0].data["reason"] == "invalid_json"
+
+
+async def test_consumers_see_only_committed_events(log_path: Path) -> None:
+    """Write-ahead: nothing is readable, and no ack runs, before the commit returns."""
+    async with EventLog.open(log_path, LogConfig(commit_interval=0.3)) as log:
+        await log.append([reading(0)])  # the next commit is now at least 0.3 s away
+        acked: list[bool] = []
+        future = await log.submit([reading(1)])
+        future.add_done_callback(lambda f: acked.append(True))
+        assert log.head(Stream.READINGS) == 1
+        assert [e.value for e in await log.read(Stream.READINGS, 0)] == [0.0]
+        assert not acked
+        # What a reader sees must already be in the file: check from a second connection.
+        await future
+        assert acked == [True]
+        other = sqlite3.connect(log_path)
+        assert other.execute("SELECT count(*) FROM events WHERE stream=1").fetchone()[0] == 2
+        other.close()
+
+
+async def test_group_commit_batches_grow_with_load(log_path: Path) -> None:
+    async with EventLog.open(log_path, LogConfig(commit_interval=0.05, max_batch=700)) as log:
+        futures = [await log.submit([reading(i)]) for i in range(2000)]
+        await asyncio.gather(*futures)
+        assert log.stats.events_written == 2000
+        # Many submissions shared a commit, but no commit exceeded max_batch.
+        assert log.stats.commits < 100
+        assert log.stats.max_commit_size <= 700
+
+
+async def test_submit_applies_back_pressure_when_queue_is_full(log_path: Path) -> None:
+    async with EventLog.open(log_path, LogConfig(commit_interval=0.2, queue_size=10)) as log:
+        await log.append([reading(0)])
+        await log.submit([reading(i) for i in range(8)])
+        blocked = asyncio.create_task(log.submit([reading(i) for i in range(5)]))
+        await asyncio.sleep(0)
+        assert not blocked.done(), "a full queue must make producers wait"
+        assert log.queued <= 10
+        await asyncio.wait_for(blocked, 5)
+        await blocked.result()
+
+
+async def test_cursor_moves_with_events_in_one_transaction(log_path: Path) -> None:
+    async with EventLog.open(log_path, FAST) as log:
+        await log.append([reading(i) for i in range(10)])
+        agg = NewEvent("aggregate", 1.0, 1.0, 1.0, sensor="t1", value=4.5)
+        await log.append(
+            events={Stream.AGGREGATES: [agg]},
+            cursors=[CursorUpdate("proc", Stream.READINGS, 10, '{"x": 1}')],
+        )
+        assert log.cursor("proc", Stream.READINGS) == 10
+    async with EventLog.open(log_path, FAST) as log:
+        assert log.cursor("proc", Stream.READINGS) == 10
+        assert await log.cursor_state("proc", Stream.READINGS) == '{"x": 1}'
+        assert log.head(Stream.AGGREGATES) == 1
+
+
+async def test_wait_for_wakes_on_commit(log_path: Path) -> None:
+    async with EventLog.open(log_path, FAST) as log:
+        waiter = asyncio.create_task(log.wait_for(Stream.ALERTS, 0, within=5))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        await log.append(events={Stream.ALERTS: [NewEvent("alert.raised", 1, 1, 1)]})
+        assert await asyncio.wait_for(waiter, 5) is True
+        assert await log.wait_for(Stream.ALERTS, 1, within=0.05) is False
+
+
+async def test_quota_drops_oldest_readings_and_records_gap(log_path: Path) -> None:
+    cfg = LogConfig(commit_interval=0.0, quota=512 * 1024, retention_interval=3600)
+    async with EventLog.open(log_path, cfg) as log:
+        await log.register("upstream:cloud", [Stream.READINGS])
+        now = time.time()
+        alert = NewEvent("alert.raised", now, now, 1, sensor="t1", value=99.0)
+        await log.append(events={Stream.ALERTS: [alert]})
+        for start in range(0, 20_000, 1000):
+            await log.append(
+                [reading(i, sensor=f"sensor-{i % 7}") for i in range(start, start + 1000)]
+            )
+        assert await log.disk_usage() > cfg.quota
+        await log.enforce_retention()
+        assert await log.disk_usage() <= cfg.quota
+        tail = log.tail(Stream.READINGS)
+        assert tail > 1, "the oldest readings must have been dropped"
+        kept = await log.read(Stream.READINGS, 0, limit=1)
+        assert kept[0].seq == tail, "what is kept starts right after what was dropped"
+        assert log.head(Stream.READINGS) == 20_000, "seqs never go back"
+        # Alerts are never dropped for space.
+        assert [e.kind for e in await log.read(Stream.ALERTS, 0)] == ["alert.raised"]
+        gaps = [e for e in await log.read(Stream.AGENT, 0) if e.kind == "gap"]
+        assert len(gaps) == 1
+        gap = gaps[0].data
+        assert gap is not None
+        assert gap["reason"] == "quota" and gap["stream"] == "readings"
+        assert gap["first_seq"] == 1 and gap["last_seq"] == tail - 1
+        assert gap["count"] == tail - 1 == gap["unconsumed"]
+        assert gap["first_recv_time"] <= gap["last_recv_time"]
+        assert log.stats.dropped == {"readings": tail - 1}
+
+
+async def test_max_age_prunes_consumed_and_reports_unconsumed(log_path: Path) -> None:
+    cfg = LogConfig(commit_interval=0.0, max_age=3600, retention_interval=3600)
+    old = time.time() - 7200
+    async with EventLog.open(log_path, cfg) as log:
+        await log.register("up", [Stream.READINGS])
+        await log.append([reading(i, t=old + i) for i in range(10)])
+        await log.append([reading(i) for i in range(10, 15)])
+        await log.append(cursors=[CursorUpdate("up", Stream.READINGS, 4)])
+        await log.enforce_retention()
+        assert log.tail(Stream.READINGS) == 11
+        gaps = [e.data for e in await log.read(Stream.AGENT, 0) if e.kind == "gap"]
+        assert len(gaps) == 1 and gaps[0] is not None
+        assert gaps[0]["reason"] == "max_age"
+        assert gaps[0]["count"] == 10 and gaps[0]["unconsumed"] == 6
+
+
+async def test_max_age_prunes_what_every_consumer_has_seen_without_a_gap(log_path: Path) -> None:
+    cfg = LogConfig(commit_interval=0.0, max_age=3600, retention_interval=3600)
+    async with EventLog.open(log_path, cfg) as log:
+        await log.register("up", [Stream.READINGS])
+        await log.append([reading(i, t=time.time() - 7200) for i in range(5)])
+        await log.append(cursors=[CursorUpdate("up", Stream.READINGS, 5)])
+        await log.enforce_retention()
+        assert log.tail(Stream.READINGS) == 6
+        assert [e for e in await log.read(Stream.AGENT, 0) if e.kind == "gap"] == []
+        assert log.stats.pruned == {"readings": 5}
+
+
+async def test_seqs_survive_a_stream_emptied_by_the_quota(log_path: Path) -> None:
+    cfg = LogConfig(commit_interval=0.0, max_age=60, retention_interval=3600)
+    async with EventLog.open(log_path, cfg) as log:
+        await log.append([reading(i, t=time.time() - 3600) for i in range(5)])
+        await log.enforce_retention()
+        assert log.tail(Stream.READINGS) == 6
+    async with EventLog.open(log_path, cfg) as log:
+        committed = await log.append([reading(99)])
+        assert committed.ranges[Stream.READINGS] == (6, 6)
+
+
+async def test_seq_at_finds_time(log_path: Path) -> None:
+    base = time.time() - 1000
+    async with EventLog.open(log_path, FAST) as log:
+        await log.append([reading(i, t=base + i) for i in range(100)])
+        assert await log.seq_at(Stream.READINGS, base + 50) == 50
+        assert await log.seq_at(Stream.READINGS, base - 10) == 0
+        assert await log.seq_at(Stream.READINGS, base + 500) == 100
+
+
+@pytest.mark.parametrize("sync", ["full", "normal"])
+async def test_wal_mode_and_synchronous(log_path: Path, sync: str) -> None:
+    async with EventLog.open(log_path, LogConfig(synchronous=sync)) as log:  # type: ignore[arg-type]
+        await log.append([reading(1)])
+    db = sqlite3.connect(log_path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
