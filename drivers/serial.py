@@ -1,0 +1,170 @@
+"""A sensor on a serial port: lines of JSON or CSV, framed, decoded and batched.
+
+The port is read only when the consumer asks for the next batch, with non-blocking reads on
+its file descriptor woken by the event loop (`loop.add_reader`), so there is no reader thread
+and no queue: while the runtime is busy, the bytes wait in the kernel's tty buffer and, once
+that is full, the device blocks or its flow control kicks in. Nothing is buffered here beyond
+one partial line (at most `max_line` bytes) and one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import termios
+import time
+from types import TracebackType
+from typing import Self
+
+import serial
+
+from agent.config import SerialInputConfig
+from agent.events import Invalid, Reading, Rejected
+from drivers.base import Batch, DriverError
+from drivers.decoders import LineFramer, Oversized, decoder_for
+
+#: Bytes asked of the port per read; each read becomes (at most) one batch.
+READ_SIZE = 4096
+
+
+class SerialDriver:
+    """Readings from one serial port (one owner: the port is locked while open).
+
+    Each chunk read from the port becomes one `Batch` of `Reading`s and `Rejected` lines, in
+    arrival order; chunks holding no complete line yield nothing. A partial line left when the
+    driver is closed, or when the port vanishes, is dropped: it was never a reading, and after
+    a reconnect the stream starts at an arbitrary byte anyway.
+
+    `open` and iteration raise `DriverError` when the port cannot be opened or vanishes
+    (unplugged, EIO/ENODEV, hang-up); the runtime then closes the driver and decides whether and
+    when to `open` it again.
+    `close` may be called while iteration waits for input (it then ends promptly with
+    StopAsyncIteration), and more than once. Iteration is never called concurrently with
+    itself; everything runs on the event loop thread.
+    """
+
+    def __init__(self, cfg: SerialInputConfig, *, read_size: int = READ_SIZE) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self._read_size = read_size
+        self._decode = decoder_for(cfg.format, cfg.csv_columns)
+        self._framer = LineFramer(cfg.max_line, cfg.terminator.encode("utf-8"))
+        self._port: serial.Serial | None = None
+        self._fd = -1
+        self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def open(self) -> None:
+        """Open and lock the port; raise DriverError if it is missing, busy or not a tty."""
+        if self._port is not None:
+            raise RuntimeError(f"serial input {self.name!r} is already open")
+        try:
+            # The device is opened O_NONBLOCK by pyserial, so this does not wait for carrier.
+            port = serial.Serial(
+                port=self.cfg.port, baudrate=self.cfg.baudrate, timeout=0, exclusive=True
+            )
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise DriverError(
+                f"serial input {self.name!r}: cannot open {self.cfg.port}: {exc}"
+            ) from exc
+        try:
+            fd = port.fileno()
+            # pyserial leaves VMIN at 0, where a read with nothing to read returns b"", the same
+            # as a hang-up. With VMIN 1 an empty port is EAGAIN and b"" means the device is gone.
+            attrs = termios.tcgetattr(fd)
+            attrs[6][termios.VMIN] = 1
+            attrs[6][termios.VTIME] = 0
+            termios.tcsetattr(fd, termios.TCSANOW, attrs)
+        except (termios.error, OSError) as exc:
+            port.close()
+            raise DriverError(
+                f"serial input {self.name!r}: cannot set up {self.cfg.port}: {exc}"
+            ) from exc
+        self._port, self._fd, self._closed = port, fd, False
+        self._framer.reset()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Batch:
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._port is None:
+                raise RuntimeError(f"serial input {self.name!r} is not open")
+            try:
+                chunk = os.read(self._fd, self._read_size)
+            except BlockingIOError:
+                await self._readable()
+                continue
+            except OSError as exc:
+                raise DriverError(f"serial input {self.name!r}: {self.cfg.port}: {exc}") from exc
+            if not chunk:
+                raise DriverError(f"serial input {self.name!r}: {self.cfg.port} hung up")
+            batch = self._batch(chunk)
+            if batch.items:
+                return batch
+
+    async def _readable(self) -> None:
+        """Wait until the port has bytes (or an error, or a hang-up), or until `close`."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        loop.add_reader(self._fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if not self._closed:  # close() has already unregistered the fd it closed
+                loop.remove_reader(self._fd)
+
+    def _batch(self, chunk: bytes) -> Batch:
+        recv, mono = time.time(), time.monotonic()
+        source, prefix = self.name, self.cfg.sensor_prefix
+        items: list[Reading | Rejected] = []
+        for line in self._framer.feed(chunk):
+            if isinstance(line, Oversized):
+                detail = f"line longer than {self.cfg.max_line} bytes"
+                items.append(Rejected(line.raw, "oversized", detail, source, recv, mono))
+                continue
+            decoded = self._decode(line)
+            if isinstance(decoded, Invalid):
+                items.append(Rejected(line, decoded.reason, decoded.detail, source, recv, mono))
+                continue
+            for s in decoded:
+                event_time = recv if s.time is None else s.time
+                items.append(
+                    Reading(prefix + s.sensor, s.value, s.unit, event_time, recv, mono, source)
+                )
+        return Batch(items)
+
+    async def close(self) -> None:
+        """Release the port and end iteration; safe while iteration waits, and twice."""
+        self._closed = True
+        port, self._port = self._port, None
+        if port is None:
+            return
+        if self._waiter is not None:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            _wake(self._waiter)
+        # A vanished device can fail its close; the descriptor is released anyway.
+        with contextlib.suppress(OSError):
+            port.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

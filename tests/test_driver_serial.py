@@ -1,0 +1,283 @@
+"""The serial driver on a real pty pair: the master end plays the device."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import time
+import tty
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from agent.config import SerialInputConfig
+from agent.events import Reading, Rejected
+from drivers.base import Batch, DriverError
+from drivers.serial import SerialDriver
+
+TIMEOUT = 5.0
+
+
+class PtyDevice:
+    """A pty pair: the driver opens `path` (the slave), the test writes to the master."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.master, view) :]
+
+    def unplug(self) -> None:
+        """The device goes away: the driver's end is hung up."""
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
+    def close(self) -> None:
+        self.unplug()
+        if self.slave >= 0:
+            os.close(self.slave)
+            self.slave = -1
+
+
+@pytest.fixture
+def pty_device() -> Iterator[PtyDevice]:
+    device = PtyDevice()
+    yield device
+    device.close()
+
+
+def serial_config(path: str, **overrides: Any) -> SerialInputConfig:
+    return SerialInputConfig.model_validate(
+        {"type": "serial", "name": "bench1", "port": path, **overrides}
+    )
+
+
+@pytest.fixture
+async def driver(pty_device: PtyDevice) -> AsyncIterator[SerialDriver]:
+    drv = SerialDriver(serial_config(pty_device.path, max_line=128, sensor_prefix="lab/"))
+    await drv.open()
+    yield drv
+    await drv.close()
+
+
+async def take(driver: SerialDriver, n: int) -> list[Reading | Rejected]:
+    """The next `n` items from the driver (batches are cut wherever reads happen to fall)."""
+
+    async def collect() -> list[Reading | Rejected]:
+        items: list[Reading | Rejected] = []
+        async for batch in driver:
+            assert batch.items, "a driver never yields an empty batch"
+            items.extend(batch.items)
+            if len(items) >= n:
+                break
+        return items
+
+    items = await asyncio.wait_for(collect(), TIMEOUT)
+    assert len(items) == n, items
+    return items
+
+
+async def test_lines_come_out_as_readings_in_order(
+    driver: SerialDriver, pty_device: PtyDevice
+) -> None:
+    before = time.time()
+    lines = [f'{{"sensor": "t{i}", "value": {i}.5, "unit": "C"}}\n' for i in range(50)]
+    pty_device.write("".join(lines).encode())
+    pty_device.write(
+        b'[{"sensor": "a", "value": 1, "ts": 1764170000}, {"sensor": "b", "value": 2}]\n'
+    )
+    items = await take(driver, 52)
+    readings = [i for i in items if isinstance(i, Reading)]
+    assert [(r.sensor, r.value, r.unit) for r in readings[:50]] == [
+        (f"lab/t{i}", i + 0.5, "C") for i in range(50)
+    ]
+    for r in readings:
+        assert r.source == "bench1"
+        assert before <= r.recv_time <= time.time()
+        assert r.mono <= time.monotonic()
+    a, b = readings[50:]
+    assert (a.sensor, a.event_time) == ("lab/a", 1764170000.0)
+    assert (b.sensor, b.event_time) == ("lab/b", b.recv_time)
+
+
+async def test_a_line_split_across_writes_is_one_reading(
+    driver: SerialDriver, pty_device: PtyDevice
+) -> None:
+    pty_device.write(b'{"sensor": "t", ')
+    pty_device.write(b'"value": 7}\n')
+    [reading] = await take(driver, 1)
+    assert isinstance(reading, Reading)
+    assert (reading.sensor, reading.value) == ("lab/t", 7.0)
+
+
+async def test_bad_lines_are_rejected_with_raw_bytes(
+    driver: SerialDriver, pty_device: PtyDevice
+) -> None:
+    pty_device.write(
+        b"\n"  # a blank line is skipped, not rejected
+        b"garbage\n"
+        b'{"sensor": "t", "value": NaN}\n'
+        b'{"sensor": "t", "value": 1, "unit": "\xb0C"}\n'
+        b'{"sensor": "t", "value": 2}\n'
+    )
+    items = await take(driver, 4)
+    assert [(type(i).__name__, getattr(i, "reason", None)) for i in items] == [
+        ("Rejected", "invalid_json"),
+        ("Rejected", "nan"),
+        ("Rejected", "invalid_utf8"),
+        ("Reading", None),
+    ]
+    rejected = [i for i in items if isinstance(i, Rejected)]
+    assert [r.raw for r in rejected] == [
+        b"garbage",
+        b'{"sensor": "t", "value": NaN}',
+        b'{"sensor": "t", "value": 1, "unit": "\xb0C"}',
+    ]
+    assert all(r.source == "bench1" and r.detail for r in rejected)
+
+
+async def test_oversized_line_is_one_rejection_and_the_next_line_decodes(
+    driver: SerialDriver, pty_device: PtyDevice
+) -> None:
+    long_line = b'{"sensor": "t", "value": 1, "pad": "' + b"x" * 1000 + b'"}\n'
+    pty_device.write(long_line + b'{"sensor": "t", "value": 2}\n')
+    oversized, reading = await take(driver, 2)
+    assert isinstance(oversized, Rejected)
+    assert (oversized.reason, oversized.raw) == ("oversized", long_line[:128])
+    assert isinstance(reading, Reading)
+    assert reading.value == 2.0
+
+
+async def test_csv_format(pty_device: PtyDevice) -> None:
+    cfg = serial_config(pty_device.path, format="csv", terminator="\r\n")
+    async with SerialDriver(cfg) as drv:
+        pty_device.write(b"t1,1.5,C,\r\nt2,2.5,,1764170000\r\nt3,x,,\r\n")
+        a, b, c = await take(drv, 3)
+    assert isinstance(a, Reading) and (a.sensor, a.value, a.unit) == ("t1", 1.5, "C")
+    assert isinstance(b, Reading) and (b.unit, b.event_time) == (None, 1764170000.0)
+    assert isinstance(c, Rejected) and (c.reason, c.raw) == ("not_a_number", b"t3,x,,")
+
+
+async def test_back_pressure_holds_input_in_the_tty_until_asked(
+    driver: SerialDriver, pty_device: PtyDevice
+) -> None:
+    """While nobody iterates nothing is read: the device's writes block, and nothing is lost."""
+    os.set_blocking(pty_device.master, False)
+    line = b'{"sensor": "t", "value": 1.0}\n'
+    written = 0
+    with pytest.raises(BlockingIOError):
+        while True:
+            written += os.write(pty_device.master, line)
+    # Partial writes happen at the limit; complete the last line once there is room.
+    tail = line[written % len(line) :] if written % len(line) else b""
+    expected = written // len(line) + (1 if tail else 0)
+
+    got = 0
+
+    async def drain() -> None:
+        nonlocal got, tail
+        async for batch in driver:
+            got += len(batch.items)
+            if tail:
+                with contextlib.suppress(BlockingIOError):
+                    tail = tail[os.write(pty_device.master, tail) :]
+            if got >= expected:
+                return
+
+    await asyncio.wait_for(drain(), TIMEOUT)
+    assert got == expected
+
+
+async def test_close_while_blocked_ends_iteration_promptly(driver: SerialDriver) -> None:
+    batches: list[Batch] = []
+
+    async def consume() -> None:
+        async for batch in driver:
+            batches.append(batch)
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0)  # let it reach the wait for input
+    assert not task.done()
+    await driver.close()
+    await asyncio.wait_for(task, TIMEOUT)
+    assert batches == []
+
+
+async def test_close_twice_and_iterate_after_close(driver: SerialDriver) -> None:
+    await driver.close()
+    await driver.close()
+    with pytest.raises(StopAsyncIteration):
+        await anext(aiter(driver))
+
+
+async def test_port_vanishing_while_blocked_raises_driver_error(
+    driver: SerialDriver, pty_device: PtyDevice
+) -> None:
+    async def next_batch() -> Batch:
+        return await anext(aiter(driver))
+
+    task = asyncio.create_task(next_batch())
+    await asyncio.sleep(0)
+    assert not task.done()
+    pty_device.unplug()
+    with pytest.raises(DriverError) as info:
+        await asyncio.wait_for(task, TIMEOUT)
+    assert info.value.__cause__ is not None or "hung up" in str(info.value)
+    await driver.close()
+
+
+async def test_port_vanishing_mid_stream_raises_driver_error(
+    driver: SerialDriver, pty_device: PtyDevice
+) -> None:
+    pty_device.write(b'{"sensor": "t", "value": 1}\n{"sensor": "t", "val')
+    await take(driver, 1)
+    pty_device.unplug()
+    with pytest.raises(DriverError):
+        await asyncio.wait_for(take(driver, 1), TIMEOUT)
+
+
+async def test_missing_port_is_a_driver_error(tmp_path: Any) -> None:
+    drv = SerialDriver(serial_config(str(tmp_path / "ttyUSB9")))
+    with pytest.raises(DriverError) as info:
+        await drv.open()
+    assert isinstance(info.value.__cause__, Exception)
+    await drv.close()
+
+
+async def test_not_a_tty_is_a_driver_error(tmp_path: Any) -> None:
+    path = tmp_path / "plain-file"
+    path.write_bytes(b"")
+    with pytest.raises(DriverError):
+        await SerialDriver(serial_config(str(path))).open()
+
+
+async def test_one_owner_per_port(driver: SerialDriver, pty_device: PtyDevice) -> None:
+    second = SerialDriver(serial_config(pty_device.path))
+    with pytest.raises(DriverError) as info:
+        await second.open()
+    assert "lock" in str(info.value).lower() or getattr(info.value.__cause__, "errno", None) in (
+        errno.EWOULDBLOCK,
+        errno.EAGAIN,
+    )
+
+
+async def test_reopen_after_the_device_comes_back(pty_device: PtyDevice) -> None:
+    """The runtime's retry loop: close after a DriverError, open again, read again."""
+    drv = SerialDriver(serial_config(pty_device.path))
+    await drv.open()
+    pty_device.write(b'{"sensor": "t", "value": 1}\n{"sensor": "t", "val')
+    await take(drv, 1)
+    await drv.close()
+    await drv.open()
+    pty_device.write(b'{"sensor": "t", "value": 2}\n')
+    [reading] = await take(drv, 1)
+    assert isinstance(reading, Reading) and reading.value == 2.0
+    await drv.close()
