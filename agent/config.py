@@ -52,10 +52,10 @@ class SerialInputConfig(StrictModel):
     type: Literal["serial"]
     name: str
     port: str
-    baudrate: int = 115200
+    baudrate: int = Field(default=115200, gt=0)
     format: Literal["json", "csv"] = "json"
     csv_columns: list[str] = ["sensor", "value", "unit", "time"]
-    max_line: ByteSize = 1024
+    max_line: ByteSize = Field(default=1024, ge=16, le=1024**2)
     terminator: str = "\n"
     reconnect_initial: Duration = 0.5
     reconnect_max: Duration = 30.0
@@ -67,6 +67,9 @@ class SerialInputConfig(StrictModel):
         unknown = [c for c in self.csv_columns if c not in allowed]
         if unknown:
             raise ValueError(f"csv_columns: unknown column {unknown[0]!r}; use {sorted(allowed)}")
+        named = [c for c in self.csv_columns if c != "-"]
+        if len(set(named)) != len(named):
+            raise ValueError("csv_columns: a column name appears twice")
         if "sensor" not in self.csv_columns or "value" not in self.csv_columns:
             raise ValueError("csv_columns must name a 'sensor' and a 'value' column")
         if not self.terminator:
@@ -177,6 +180,7 @@ class HttpUpstreamConfig(StrictModel):
         "agent",
         "aggregates",
         "readings",
+        "deadletter",
     ]
     batch_size: int = Field(default=500, ge=1, le=100_000)
     linger: Duration = 0.2
@@ -274,7 +278,16 @@ def _build(node: Node, loc: Loc, pos: _Positions, issues: list[ConfigIssue]) -> 
         for key_node, value_node in node.value:
             key = str(key_node.value)
             if key in out:
-                issues.append(pos.issue((*loc, key), f"duplicate key {key!r}"))
+                mark = key_node.start_mark
+                issues.append(
+                    ConfigIssue(
+                        pos.file,
+                        mark.line + 1,
+                        mark.column + 1,
+                        _dotted((*loc, key)),
+                        f"duplicate key {key!r}",
+                    )
+                )
             pos.keys[(*loc, key)] = (key_node.start_mark.line, key_node.start_mark.column)
             out[key] = _build(value_node, (*loc, key), pos, issues)
         return out
@@ -316,26 +329,30 @@ def _model_at(model: Any, loc: Loc, data: Any) -> Any:
     current: Any = model
     for part in loc:
         data = _step(data, part)
-        if isinstance(part, int):
-            continue
-        fields = getattr(current, "model_fields", None)
-        if fields is None or part not in fields:
+        if isinstance(part, str):
+            fields = getattr(current, "model_fields", None)
+            if fields is None or part not in fields:
+                return None
+            current = _strip(fields[part].annotation)
+        elif get_origin(current) is list:
+            current = _strip(get_args(current)[0])
+        else:
             return None
-        current = fields[part].annotation
-        while get_origin(current) in (Annotated, list):
-            current = get_args(current)[0]
-        if get_origin(current) is Union:
+        if get_origin(current) is Union and isinstance(data, dict):
             # A discriminated union: the member is the one whose `type` the data names.
-            tag = data[0].get("type") if isinstance(data, list) and data else None
-            if isinstance(data, dict):
-                tag = data.get("type")
-            members = [m for m in get_args(current) if _tag_of(m) == tag]
+            members = [m for m in get_args(current) if _tag_of(m) == data.get("type")]
             current = members[0] if members else None
     return current
 
 
+def _strip(annotation: Any) -> Any:
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return annotation
+
+
 def _tags(union: Any) -> tuple[str, ...]:
-    return tuple(str(_tag_of(m)) for m in get_args(get_args(union)[0]))
+    return tuple(str(_tag_of(m)) for m in get_args(_strip(union)))
 
 
 def _tag_of(model: Any) -> Any:

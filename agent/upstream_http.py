@@ -77,17 +77,20 @@ class HttpUpstream:
             timeout=timeout, headers=headers, connector=connector
         ) as session:
             while not stop.is_set():
-                batch = await self._next_batch(event_log, stop)
+                batch = await self._next_batch(event_log, stop, retrying=self._backoff.failures > 0)
                 if not batch:
                     continue
                 await self._deliver(session, event_log, batch, stop)
 
-    async def _next_batch(self, event_log: EventLog, stop: asyncio.Event) -> list[Event]:
+    async def _next_batch(
+        self, event_log: EventLog, stop: asyncio.Event, *, retrying: bool = False
+    ) -> list[Event]:
         cursors = {s: event_log.cursor(self.consumer, s) for s in self.streams}
         for stream in self.streams:
             if event_log.head(stream) > cursors[stream]:
                 behind = event_log.head(stream) - cursors[stream]
-                if behind < self.cfg.batch_size and self.cfg.linger > 0 and not stop.is_set():
+                linger = self.cfg.linger > 0 and not retrying and not stop.is_set()
+                if behind < self.cfg.batch_size and linger:
                     # Let a small batch fill up a little; fewer, fuller requests.
                     await event_log.wait_for(
                         stream, cursors[stream] + self.cfg.batch_size - 1, within=self.cfg.linger
@@ -117,41 +120,39 @@ class HttpUpstream:
         batch: list[Event],
         stop: asyncio.Event,
     ) -> None:
+        """One attempt at a batch; the cursor moves only on a 2xx."""
         payload = self.body(event_log.log_id, batch)
         headers = {}
         if self.cfg.gzip:
             payload = gzip.compress(payload, compresslevel=5)
             headers["Content-Encoding"] = "gzip"
-        while True:
-            post = asyncio.create_task(self._post(session, payload, headers))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({post, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not post.done():
-                # Shutting down mid-request: the batch stays in the log and is sent again
-                # next time; the receiver drops whatever arrived twice.
-                post.cancel()
-                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
-                    await post
-                return
-            try:
-                post.result()
-            except UpstreamError as exc:
-                self.status.failures += 1
-                self.status.last_error = str(exc)
-                self.status.last_error_time = time.time()
-                delay = self._backoff.next()
-                if exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, self.cfg.backoff_max))
-                if self._backoff.failures <= 3 or self._backoff.failures % 20 == 0:
-                    log.warning("upstream %s: %s; retrying in %.1fs", self.cfg.name, exc, delay)
-                # Sleep, but wake for shutdown: the batch stays in the log for next time.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                if stop.is_set():
-                    return
-                continue
-            break
+        post = asyncio.create_task(self._post(session, payload, headers))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({post, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not post.done():
+            # Shutting down mid-request: the batch stays in the log and is sent again next
+            # time; the receiver drops whatever arrived twice.
+            post.cancel()
+            with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                await post
+            return
+        try:
+            post.result()
+        except UpstreamError as exc:
+            self.status.failures += 1
+            self.status.last_error = str(exc)
+            self.status.last_error_time = time.time()
+            delay = self._backoff.next()
+            if exc.retry_after is not None:
+                delay = max(delay, min(exc.retry_after, self.cfg.backoff_max))
+            if self._backoff.failures <= 3 or self._backoff.failures % 20 == 0:
+                log.warning("upstream %s: %s; retrying in %.1fs", self.cfg.name, exc, delay)
+            # The batch stays in the log; after the pause the next batch is chosen afresh, so
+            # an alert raised during an outage overtakes the backlog batch that was failing.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            return
         self._backoff.reset()
         stream = Stream(batch[0].stream)
         await event_log.append(cursors=[CursorUpdate(self.consumer, stream, batch[-1].seq)])

@@ -173,6 +173,36 @@ def cloud(
 # --- edge-sim demo: added by the lead -------------------------------------------------------
 
 
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Option(help="The agent config the demo runs.")] = Path(
+        "config/demo.yaml"
+    ),
+    rate: Annotated[float, typer.Option(help="Readings per second, all sensors together.")] = 5.0,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: at Ctrl-C).")
+    ] = None,
+    sensors: Annotated[
+        str, typer.Option(help="A number of sensors, or comma-separated names (temp1,hum1).")
+    ] = "3",
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Start over: delete the log and the cloud's database.")
+    ] = False,
+) -> None:
+    """Run the laptop demo: simulator on a pty, the agent, a local cloud, and a live view."""
+    if rate <= 0:
+        raise typer.BadParameter("must be > 0", param_hint="--rate")
+    if duration is not None and duration <= 0:
+        raise typer.BadParameter("must be > 0", param_hint="--duration")
+    try:
+        parse_sensors(sensors)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--sensors") from e
+    from simulator.demo import run_demo
+
+    raise typer.Exit(run_demo(config, rate=rate, sensors=sensors, duration=duration, fresh=fresh))
+
+
 def main() -> None:
     """Console-script entry point (`edge-sim`)."""
     app()
