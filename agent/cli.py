@@ -263,6 +263,49 @@ def tail(
         db.close()
 
 
+service_app = typer.Typer(help="Install or remove the systemd service (as root).")
+app.add_typer(service_app, name="service")
+
+
+def _run_steps(steps: list[Any], dry_run: bool) -> None:
+    for step in steps:
+        typer.echo(("would: " if dry_run else "") + step.describe)
+        if not dry_run:
+            try:
+                step.run()
+            except (OSError, Exception) as exc:
+                typer.echo(f"failed: {step.describe}: {exc}", err=True)
+                raise typer.Exit(1) from None
+
+
+@service_app.command("install")
+def service_install(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every step, run none.")] = False,
+) -> None:
+    """Create the system user, install the unit and the example config, enable and start."""
+    from agent.service import install_steps
+
+    if not dry_run and os.geteuid() != 0:
+        typer.echo("service install needs root: sudo edge-agent service install", err=True)
+        raise typer.Exit(1)
+    _run_steps(install_steps(), dry_run)
+    if not dry_run:
+        typer.echo("installed: edit /etc/edge-agent/agent.yaml, then: systemctl restart edge-agent")
+
+
+@service_app.command("uninstall")
+def service_uninstall(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every step, run none.")] = False,
+) -> None:
+    """Stop and remove the service; the config and the event log are kept."""
+    from agent.service import uninstall_steps
+
+    if not dry_run and os.geteuid() != 0:
+        typer.echo("service uninstall needs root: sudo edge-agent service uninstall", err=True)
+        raise typer.Exit(1)
+    _run_steps(uninstall_steps(), dry_run)
+
+
 def main() -> None:
     """Console entry point."""
     app()
