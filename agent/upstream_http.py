@@ -27,6 +27,11 @@ from agent.log import CursorUpdate, EventLog
 
 log = logging.getLogger(__name__)
 
+#: A lane with events waiting is sent at least once every this many batches (but alerts first).
+STARVE_AFTER = 4
+#: On shutdown, how long a request in flight may still take to be answered.
+STOP_GRACE = 2.0
+
 
 class UpstreamError(Exception):
     """An upstream did not take a batch."""
@@ -61,6 +66,7 @@ class HttpUpstream:
         self.streams = [s for s in LANES if s.value in cfg.streams]
         self.status = UpstreamStatus()
         self._backoff = Backoff(cfg.backoff_initial, cfg.backoff_max)
+        self._passed_over: dict[Stream, int] = {}
 
     async def run(self, event_log: EventLog, stop: asyncio.Event) -> None:
         """Forward until `stop` is set."""
@@ -86,22 +92,37 @@ class HttpUpstream:
         self, event_log: EventLog, stop: asyncio.Event, *, retrying: bool = False
     ) -> list[Event]:
         cursors = {s: event_log.cursor(self.consumer, s) for s in self.streams}
-        for stream in self.streams:
-            if event_log.head(stream) > cursors[stream]:
-                behind = event_log.head(stream) - cursors[stream]
-                linger = self.cfg.linger > 0 and not retrying and not stop.is_set()
-                if behind < self.cfg.batch_size and linger:
-                    # Let a small batch fill up a little; fewer, fuller requests.
-                    await event_log.wait_for(
-                        stream, cursors[stream] + self.cfg.batch_size - 1, within=self.cfg.linger
-                    )
-                return await event_log.read(stream, cursors[stream], self.cfg.batch_size)
+        stream = self._pick([s for s in self.streams if event_log.head(s) > cursors[s]])
+        if stream is not None:
+            behind = event_log.head(stream) - cursors[stream]
+            linger = self.cfg.linger > 0 and not retrying and not stop.is_set()
+            if behind < self.cfg.batch_size and linger:
+                # Let a small batch fill up a little; fewer, fuller requests.
+                await event_log.wait_for(
+                    stream, cursors[stream] + self.cfg.batch_size - 1, within=self.cfg.linger
+                )
+            return await event_log.read(stream, cursors[stream], self.cfg.batch_size)
         waiter = asyncio.create_task(event_log.wait_any(self.streams, cursors, within=1.0))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         for task in (waiter, stopper):
             task.cancel()
         return []
+
+    def _pick(self, pending: list[Stream]) -> Stream | None:
+        """The lane to send next: alerts always first, then by priority, but a lane passed
+        over STARVE_AFTER times gets a turn, so a steady flow of readings cannot keep
+        dead-letter events (last in line) from ever leaving."""
+        if not pending:
+            return None
+        if Stream.ALERTS in pending:
+            choice = Stream.ALERTS
+        else:
+            starved = [s for s in pending if self._passed_over.get(s, 0) >= STARVE_AFTER]
+            choice = starved[0] if starved else pending[0]
+        for s in pending:
+            self._passed_over[s] = 0 if s == choice else self._passed_over.get(s, 0) + 1
+        return choice
 
     def body(self, log_id: str, batch: list[Event]) -> bytes:
         """The request body for a batch (see README, "Upstream wire format")."""
@@ -131,12 +152,15 @@ class HttpUpstream:
         await asyncio.wait({post, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         if not post.done():
-            # Shutting down mid-request: the batch stays in the log and is sent again next
-            # time; the receiver drops whatever arrived twice.
-            post.cancel()
-            with contextlib.suppress(asyncio.CancelledError, UpstreamError):
-                await post
-            return
+            # Shutting down mid-request: give the answer a moment, so a batch the endpoint
+            # already stored is not sent again next time; past that, the batch stays in the
+            # log and the receiver drops whatever arrives twice.
+            await asyncio.wait({post}, timeout=min(self.cfg.timeout, STOP_GRACE))
+            if not post.done():
+                post.cancel()
+                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                    await post
+                return
         try:
             post.result()
         except UpstreamError as exc:

@@ -188,6 +188,10 @@ def demo(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Start over: delete the log and the cloud's database.")
     ] = False,
+    garble_every: Annotated[
+        int | None, typer.Option(help="Every Nth simulated line is garbage (bad input).")
+    ] = None,
+    nan_every: Annotated[int | None, typer.Option(help="Every Nth line carries NaN.")] = None,
 ) -> None:
     """Run the laptop demo: simulator on a pty, the agent, a local cloud, and a live view."""
     if rate <= 0:
@@ -200,7 +204,19 @@ def demo(
         raise typer.BadParameter(str(e), param_hint="--sensors") from e
     from simulator.demo import run_demo
 
-    raise typer.Exit(run_demo(config, rate=rate, sensors=sensors, duration=duration, fresh=fresh))
+    for name, every in (("--garble-every", garble_every), ("--nan-every", nan_every)):
+        if every is not None and every < 1:
+            raise typer.BadParameter("must be >= 1", param_hint=name)
+    code = run_demo(
+        config,
+        rate=rate,
+        sensors=sensors,
+        duration=duration,
+        fresh=fresh,
+        garble_every=garble_every,
+        nan_every=nan_every,
+    )
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -49,6 +48,7 @@ from agent.config import (
     AgentConfig,
     ConfigError,
     HttpUpstreamConfig,
+    RuleConfig,
     SerialInputConfig,
     load_config,
 )
@@ -285,8 +285,16 @@ class Snapshot:
     cloud_error: str | None
 
 
-def _connect_ro(path: Path) -> sqlite3.Connection:
-    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+def _connect_ro(path: Path, *, writer_gone: bool = False) -> sqlite3.Connection:
+    """A read-only connection to the agent's log.
+
+    `writer_gone`: the agent has exited; if it also folded its WAL back and removed it, read
+    the file as immutable, which (unlike `mode=ro`) creates no -wal/-shm files of its own.
+    """
+    query = "mode=ro"
+    if writer_gone and not Path(f"{path}-wal").exists():
+        query = "immutable=1"
+    uri = f"file:{urllib.parse.quote(str(path.resolve()))}?{query}"
     conn = sqlite3.connect(uri, uri=True, timeout=1.0, isolation_level=None)
     conn.execute("PRAGMA query_only=1")
     return conn
@@ -417,8 +425,17 @@ def _upstream(status: dict[str, Any], name: str) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _bad_text(bad: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(bad.items())) or "none"
+
+
+def _rule_text(rule: RuleConfig) -> str:
+    clear = "" if rule.clear_below is None else f", clears below {rule.clear_below:g}"
+    return f"{rule.name}: {rule.sensors} {rule.window} above {rule.above:g}{clear}"
 
 
 def render(plan: DemoPlan, snap: Snapshot, elapsed: float, footer: str) -> RenderableType:
@@ -429,7 +446,7 @@ def render(plan: DemoPlan, snap: Snapshot, elapsed: float, footer: str) -> Rende
     head = Text()
     head.append("edge-agent demo", style="bold")
     head.append(f"  up {_elapsed(elapsed)}  ·  agent {plan.cfg.agent.name}")
-    head.append(f" pid {status.get('pid', '-')}  ·  Ctrl-C stops", style="dim")
+    head.append(f" (pid {status.get('pid', '-')})  ·  Ctrl-C stops", style="dim")
 
     inputs = Text("Readings in  ")
     inputs.append(f"{readings}", style="bold")
@@ -439,13 +456,14 @@ def render(plan: DemoPlan, snap: Snapshot, elapsed: float, footer: str) -> Rende
     inputs.append(_bad_text(bad), style="yellow" if bad else "")
 
     sensors = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, expand=False)
-    sensors.add_column("sensor")
+    names = sorted(set(logv.last) | set(logv.means)) if logv is not None else []
+    sensors.add_column("sensor", min_width=max([6, *(len(n) + 2 for n in names)]))
     sensors.add_column("last reading", justify="right")
     sensors.add_column("window mean", justify="right")
     sensors.add_column("window", style="dim")
-    sensors.add_column("closed at", style="dim")
+    sensors.add_column("at", style="dim")
     if logv is not None:
-        for name in sorted(set(logv.last) | set(logv.means)):
+        for name in names:
             value, unit = logv.last.get(name, (None, None))
             mean = logv.means.get(name)
             active = name in logv.active
@@ -457,6 +475,8 @@ def render(plan: DemoPlan, snap: Snapshot, elapsed: float, footer: str) -> Rende
                 _clock(mean[2]) if mean else "",
             )
 
+    rule_texts = "; ".join(_rule_text(r) for r in plan.cfg.processing.rules)
+    rules = Text("  " + (rule_texts or "no rules"), style="dim", no_wrap=True, overflow="ellipsis")
     alerts = Table(box=None, pad_edge=False, show_header=False, expand=False)
     for _ in range(5):
         alerts.add_column()
@@ -482,12 +502,17 @@ def render(plan: DemoPlan, snap: Snapshot, elapsed: float, footer: str) -> Rende
     up = _upstream(status, plan.upstream.name)
     upline = Text(f"Upstream {plan.upstream.name}  sent ")
     upline.append(str(up.get("sent", 0)), style="bold")
-    waiting = sum(logv.waiting.values()) if logv is not None else 0
-    upline.append("  ·  in the log, not yet acknowledged: ")
-    upline.append(str(waiting), style="bold yellow" if waiting > plan.upstream.batch_size else "")
-    if logv is not None and waiting:
+    upline.append("  ·  lag ")
+    if logv is None:
+        upline.append("-")
+    else:
+        waiting = sum(logv.waiting.values())
+        upline.append(
+            _plural(waiting, "event"),
+            style="bold yellow" if waiting > plan.upstream.batch_size else "",
+        )
         detail = ", ".join(f"{s} {n}" for s, n in logv.waiting.items() if n)
-        upline.append(f" ({detail})", style="dim")
+        upline.append(f" ({detail})" if detail else " (all acknowledged)", style="dim")
     failures = int(up.get("failures", 0))
     if failures:
         upline.append(f"  ·  failures {failures}", style="yellow")
@@ -498,14 +523,13 @@ def render(plan: DemoPlan, snap: Snapshot, elapsed: float, footer: str) -> Rende
         cloudline.append(f"unreachable: {snap.cloud_error}", style="red")
     else:
         cloudline.append(str(cloud.get("total", 0)), style="bold")
-        cloudline.append(" events stored  ·  duplicates dropped ")
-        cloudline.append(str(cloud.get("duplicates", 0)))
+        cloudline.append(f" events stored  ·  {cloud.get('duplicates', 0)} duplicates")
         lag = cloud.get("upstream_lag")
-        cloudline.append("  ·  newest batch ")
-        cloudline.append("-" if lag is None else f"{lag:.1f}s behind")
-        cloudline.append(f"  ·  {cloud.get('recent', 0)} in the last 10s", style="dim")
+        cloudline.append("  ·  newest " + ("-" if lag is None else f"{lag:.1f}s behind"))
+        cloudline.append(f"  ·  {cloud.get('recent', 0)} in 10s", style="dim")
 
-    parts: list[RenderableType] = [head, Text(""), inputs, Text(""), sensors, title, alerts]
+    parts: list[RenderableType] = [head, Text(""), inputs, Text(""), sensors]
+    parts += [Text(""), title, rules, alerts]
     parts += [Text(""), upline, cloudline]
     if last_error and failures:
         parts.append(Text(f"  last error: {last_error}", style="yellow"))
@@ -556,7 +580,7 @@ class Baseline:
 def _log_heads(path: Path) -> dict[int, int]:
     if not path.exists():
         return {}
-    conn = _connect_ro(path)
+    conn = _connect_ro(path, writer_gone=True)
     try:
         return {int(s): int(q) for s, q in conn.execute("SELECT stream, seq FROM heads")}
     except sqlite3.Error:
@@ -614,6 +638,7 @@ class Demo:
         sensors: str,
         duration: float | None,
         fresh: bool,
+        faults: dict[str, int | None] | None = None,
         console: Console | None = None,
     ) -> None:
         self.plan = plan
@@ -621,6 +646,7 @@ class Demo:
         self.sensors = sensors
         self.duration = duration
         self.fresh = fresh
+        self.faults = faults or {}
         self.console = console or Console()
         self.children: dict[str, Child] = {}
         self.stop_requested = threading.Event()
@@ -649,7 +675,7 @@ class Demo:
             self._stop_children()
             self._report_failure(exc)
             return 1
-        except DemoError as exc:
+        except (DemoError, OSError) as exc:
             self._stop_children()
             _say(f"edge-sim demo: {exc}")
             return 1
@@ -718,6 +744,9 @@ class Demo:
         args = [py, "-m", "simulator.cli", "serial", "--link", str(plan.link)]
         args += ["--format", plan.serial.format, "--rate", f"{self.rate:g}"]
         args += ["--sensors", self.sensors]
+        for option, every in self.faults.items():
+            if every is not None:
+                args += [f"--{option}", str(every)]
         serial = self._spawn("serial", args, pipe_stdout=True)
         line = serial.read_first_line(time.monotonic() + START_TIMEOUT, self.stop_requested)
         if not line.startswith("PORT "):
@@ -799,8 +828,9 @@ class Demo:
         codes: dict[str, int] = {}
         timeouts = {"agent": self.plan.cfg.agent.shutdown_timeout + 5.0}
         started = [n for n in ("agent", "serial", "cloud") if n in self.children]
-        if started and any(self.children[n].alive() for n in started):
-            _say("edge-sim demo: stopping " + ", ".join(started))
+        running = [n for n in started if self.children[n].alive()]
+        if running:
+            _say("edge-sim demo: stopping " + ", ".join(running))
         for name in started:
             child = self.children[name]
             codes[name] = child.stop(timeouts.get(name, CHILD_STOP_TIMEOUT))
@@ -820,7 +850,7 @@ class Demo:
         raised = cleared = 0
         waiting = 0
         if self.plan.log_path.exists():
-            conn = _connect_ro(self.plan.log_path)
+            conn = _connect_ro(self.plan.log_path, writer_gone=True)
             try:
                 for kind, n in conn.execute(
                     "SELECT kind, count(*) FROM events WHERE stream=? AND seq>? GROUP BY kind",
@@ -835,12 +865,12 @@ class Demo:
                 conn.close()
         total, cloud_readings, dups = _cloud_counts(self.plan.cloud_db)
         return (
-            f"demo summary: {readings} readings committed, "
+            f"demo summary (this run): {readings} readings committed, "
             f"{total - b.cloud_total} events delivered to the cloud "
             f"({cloud_readings - b.cloud_readings} readings), "
             f"{dups - b.cloud_duplicates} duplicates, "
             f"alerts {raised} raised/{cleared} cleared, "
-            f"{waiting} events still waiting upstream"
+            f"{waiting} not yet acknowledged by the cloud (sent again next run)"
         )
 
 
@@ -851,11 +881,18 @@ def run_demo(
     sensors: str = "3",
     duration: float | None = None,
     fresh: bool = False,
+    garble_every: int | None = None,
+    nan_every: int | None = None,
 ) -> int:
-    """Run the demo; the exit status (0: stopped cleanly)."""
+    """Run the demo; the exit status (0: stopped cleanly).
+
+    `garble_every`/`nan_every` make the simulator send bad lines, to show bad input counted.
+    """
+    faults = {"garble-every": garble_every, "nan-every": nan_every}
     try:
         plan = make_plan(config.resolve())
     except DemoError as exc:
         _say(f"edge-sim demo: {exc}")
         return 1
-    return Demo(plan, rate=rate, sensors=sensors, duration=duration, fresh=fresh).run()
+    demo = Demo(plan, rate=rate, sensors=sensors, duration=duration, fresh=fresh, faults=faults)
+    return demo.run()

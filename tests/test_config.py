@@ -157,3 +157,9 @@ def test_check_cli_prints_every_error_and_exits_1(tmp_path: Path) -> None:
         timeout=30,
     )
     assert (proc.returncode, proc.stdout.strip()) == (0, "ok")
+
+
+def test_readme_carries_the_example_config_verbatim() -> None:
+    readme = (REPO / "README.md").read_text()
+    example = (REPO / "config" / "agent.example.yaml").read_text().rstrip("\n")
+    assert f"```yaml\n{example}\n```" in readme, "README's config reference is out of date"

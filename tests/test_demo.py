@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "config" / "demo.yaml"
 DEADLINE = 40.0  # the whole demo run: startup + --duration + ordered shutdown
 SUMMARY = re.compile(
-    r"demo summary: (?P<committed>\d+) readings committed, "
+    r"demo summary \(this run\): (?P<committed>\d+) readings committed, "
     r"(?P<delivered>\d+) events delivered to the cloud \((?P<readings>\d+) readings\), "
-    r"(?P<duplicates>\d+) duplicates"
+    r"(?P<duplicates>\d+) duplicates, "
 )
 CHILD = re.compile(r"^(cloud|serial|agent):.*?pid (\d+)", re.MULTILINE)
 
