@@ -268,3 +268,40 @@ async def test_shutdown_drains_commits_and_resumes(tmp_path: Path, cloud: CloudS
     store.close()
     log_id = log2.log_id
     assert {f"{log_id}:readings:{i}" for i in range(1, read + 1)} <= ids
+
+
+async def test_mqtt_input_through_the_runtime(
+    tmp_path: Path, cloud: CloudServer, broker: Any
+) -> None:
+    from tests.test_driver_mqtt import publish
+
+    inputs = [
+        {
+            "type": "mqtt",
+            "name": "lan",
+            "url": broker.url,
+            "client_id": "runtime-test",
+            "topics": ["rt/#"],
+            "topic_template": "rt/{sensor}",
+            "format": "number",
+        }
+    ]
+    cfg = agent_config(tmp_path, cloud.url + "/ingest", inputs, processing={})
+    agent = Agent(cfg)
+    task = await start(agent)
+    try:
+        await eventually(lambda: agent.inputs["lan"].connected, what="the broker connection")
+        publish(
+            broker, [(f"rt/s{i % 3}", str(i).encode()) for i in range(200)] + [("rt/x", b"hot")]
+        )
+        assert agent.log is not None
+        log = agent.log
+        await eventually(lambda: log.head(Stream.READINGS) == 200, what="200 readings")
+        await eventually(
+            lambda: log.cursor("upstream:cloud", Stream.READINGS) == 200, what="delivery"
+        )
+    finally:
+        await stop(agent, task)
+    values = sorted(r[3] for r in log_rows(cfg.log_path, 1))
+    assert values == [float(i) for i in range(200)]
+    assert agent.inputs["lan"].rejected == {"not_a_number": 1}
