@@ -538,6 +538,18 @@ class EventLog:
             row = await cur.fetchone()
         return None if row is None else row[0]
 
+    async def rewind(
+        self, consumer: str, stream: Stream, *, seq: int | None = None, since: float | None = None
+    ) -> int:
+        """Move a consumer back (or forward) to replay from a seq or a wall time; returns the
+        new cursor. The consumer next reads the events after it."""
+        if (seq is None) == (since is None):
+            raise ValueError("rewind takes exactly one of seq or since")
+        target = seq if seq is not None else await self.seq_at(stream, since or 0.0)
+        target = max(0, min(target, self._heads[stream]))
+        await self.append(cursors=[CursorUpdate(consumer, stream, target)])
+        return target
+
     def cursors(self) -> dict[tuple[str, Stream], int]:
         """Every consumer's cursor, by (consumer, stream)."""
         return dict(self._cursors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -207,3 +208,36 @@ async def test_wal_mode_and_synchronous(log_path: Path, sync: str) -> None:
     db = sqlite3.connect(log_path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
+
+
+async def test_late_consumer_reads_history_and_can_replay_by_time(log_path: Path) -> None:
+    base = time.time() - 100
+    async with EventLog.open(log_path, FAST) as log:
+        await log.append([reading(i, t=base + i) for i in range(50)])
+        # A consumer that joins now starts at the beginning: it sees every event.
+        await log.register("late", [Stream.READINGS])
+        assert [
+            e.seq for e in await log.read(Stream.READINGS, log.cursor("late", Stream.READINGS))
+        ] == list(range(1, 51))
+        await log.append(cursors=[CursorUpdate("late", Stream.READINGS, 50)])
+        assert await log.rewind("late", Stream.READINGS, since=base + 40) == 40
+        replay = await log.read(Stream.READINGS, log.cursor("late", Stream.READINGS))
+        assert [e.value for e in replay] == [float(i) for i in range(40, 50)]
+        assert await log.rewind("late", Stream.READINGS, seq=10) == 10
+        with pytest.raises(ValueError):
+            await log.rewind("late", Stream.READINGS)
+
+
+async def test_wal_stays_bounded(log_path: Path) -> None:
+    async with EventLog.open(log_path, LogConfig(commit_interval=0, retention_interval=0.5)) as log:
+        for start in range(0, 300_000, 10_000):
+            await log.append([reading(i) for i in range(start, start + 10_000)])
+        await log.enforce_retention()
+        assert wal_size(log_path) <= 16 * 2**20
+    # Closing checkpoints and truncates the WAL.
+    assert wal_size(log_path) == 0
+
+
+def wal_size(log_path: Path) -> int:
+    wal = f"{log_path}-wal"
+    return os.path.getsize(wal) if os.path.exists(wal) else 0
