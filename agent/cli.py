@@ -20,6 +20,7 @@ from rich.table import Table
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.events import Stream
 from agent.log import CODE_STREAMS, STREAM_CODES
+from agent.status import is_running, read_live
 
 app = typer.Typer(
     add_completion=False,
@@ -125,14 +126,8 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
         db.close()
     wal = Path(f"{cfg.log_path}-wal")
     size = (pages - free) * page_size + (wal.stat().st_size if wal.exists() else 0)
-    live: dict[str, Any] = {}
-    status_file = cfg.agent.data_dir / "status.json"
-    if status_file.exists():
-        try:
-            live = json.loads(status_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            live = {}
-    running = bool(live) and _alive(live.get("pid")) and time.time() - live.get("updated", 0) < 60
+    live = read_live(cfg.agent.data_dir)
+    running = is_running(live)
     return {
         "log": {
             "path": str(cfg.log_path),
@@ -145,18 +140,6 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
         "consumers": consumers,
         "agent": live,
     }
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @app.command()

@@ -409,20 +409,7 @@ class EventLog:
                 for r in sub.readings:
                     if type(r) is Reading:
                         seq += 1
-                        # _reading_row, inlined: this line runs for every reading.
-                        yield (
-                            read_code,
-                            seq,
-                            "reading",
-                            r.event_time,
-                            r.recv_time,
-                            r.mono,
-                            r.sensor,
-                            r.value,
-                            r.unit,
-                            None,
-                            None,
-                        )
+                        yield _reading_row(read_code, seq, r)
                     else:
                         dead += 1
                         yield _rejected_row(dead_code, dead, r)  # type: ignore[arg-type]

@@ -25,13 +25,12 @@ from agent.config import AgentConfig
 from agent.events import NewEvent, Reading, Rejected, Stream
 from agent.log import EventLog
 from agent.processor import Processor
+from agent.status import STATUS_FILE
 from agent.upstream_http import HttpUpstream
 from drivers import build_driver
 from drivers.base import Driver, DriverError
 
 log = logging.getLogger(__name__)
-
-STATUS_FILE = "status.json"
 
 
 @dataclass(slots=True)

@@ -52,6 +52,7 @@ from agent.config import (
     SerialInputConfig,
     load_config,
 )
+from agent.status import STATUS_FILE, is_running
 
 READINGS, AGGREGATES, ALERTS = 1, 2, 3  # agent.log.STREAM_CODES
 STREAM_NAMES = {1: "readings", 2: "aggregates", 3: "alerts", 4: "agent", 5: "deadletter"}
@@ -96,7 +97,7 @@ class DemoPlan:
 
     @property
     def status_path(self) -> Path:
-        return self.data_dir / "status.json"
+        return self.data_dir / STATUS_FILE
 
     @property
     def consumer(self) -> str:
@@ -615,18 +616,6 @@ def _port_taken(port: int) -> bool:
     return False
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Demo:
     """One run of the demo; `run()` returns the exit status."""
 
@@ -702,7 +691,7 @@ class Demo:
         plan.link.parent.mkdir(parents=True, exist_ok=True)
         status = Sampler(plan).status()
         pid = status.get("pid")
-        if _pid_alive(pid) and time.time() - float(status.get("updated", 0)) < 60:
+        if is_running(status):
             raise DemoError(
                 f"an agent (pid {pid}) is already running on {plan.data_dir}: "
                 "is another demo running? Stop it first."
