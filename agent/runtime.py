@@ -100,23 +100,12 @@ class Agent:
         """Run until `stop()`; returns after the ordered shutdown."""
         async with EventLog.open(self.cfg.log_path, self.cfg.log) as event_log:
             self.log = event_log
-            now = time.time()
-            await event_log.append(
-                events={
-                    Stream.AGENT: [
-                        NewEvent(
-                            kind="agent.started",
-                            time=now,
-                            recv_time=now,
-                            mono=time.monotonic(),
-                            data={
-                                "version": __version__,
-                                "name": self.cfg.agent.name,
-                                "pid": os.getpid(),
-                            },
-                        )
-                    ]
-                }
+            await self._record(
+                event_log,
+                "agent.started",
+                version=__version__,
+                name=self.cfg.agent.name,
+                pid=os.getpid(),
             )
             consumers_stop = asyncio.Event()
             async with asyncio.TaskGroup() as consumers:
@@ -150,17 +139,33 @@ class Agent:
             log.info("stopped: log committed and closed")
 
     async def _ingest(self, driver: Driver, event_log: EventLog) -> None:
-        """Read one input into the log, reconnecting with backoff until the agent stops."""
+        """Read one input into the log, reconnecting with backoff until the agent stops.
+
+        A lost connection is recorded in the `agent` stream twice: `input.disconnected` when
+        it happens, and a `gap` (input, from, to, reason) once the input is back, so the
+        cloud knows which stretch of time this input could not have delivered.
+        """
         status = self.inputs[driver.name]
         cfg = next(i for i in self.cfg.inputs if i.name == driver.name)
         initial = getattr(cfg, "reconnect_initial", 0.5)
         backoff = Backoff(initial, getattr(cfg, "reconnect_max", 30.0))
-        window_start, window_count = time.monotonic(), 0
         delay = initial
+        lost: tuple[float, str] | None = None
         while not self._stop.is_set():
             try:
                 await driver.open()
                 status.connected, status.since = True, time.time()
+                if lost is not None:
+                    await self._record(
+                        event_log,
+                        "gap",
+                        input=driver.name,
+                        reason="disconnected",
+                        detail=lost[1],
+                        **{"from": lost[0], "to": status.since},
+                    )
+                    log.info("input %s back after %.1fs", driver.name, status.since - lost[0])
+                    lost = None
                 async for batch in driver:
                     future = await event_log.submit(batch.items)
                     if batch.ack is not None:
@@ -171,18 +176,19 @@ class Agent:
                         else:
                             status.rejected[item.reason] = status.rejected.get(item.reason, 0) + 1
                             self._bad_input_log(item)
-                    window_count += len(batch.items)
-                    now = time.monotonic()
-                    if now - window_start >= 1.0:
-                        status.rate = window_count / (now - window_start)
-                        window_start, window_count = now, 0
                     backoff.reset()
                 if not self._stop.is_set():
                     log.info("input %s ended", driver.name)
                 return
             except DriverError as exc:
-                status.connected = False
-                status.last_error, status.last_error_time = str(exc), time.time()
+                now = time.time()
+                if status.connected:
+                    lost = (now, str(exc))
+                    await self._record(
+                        event_log, "input.disconnected", input=driver.name, reason=str(exc)
+                    )
+                status.connected, status.since = False, now
+                status.last_error, status.last_error_time = str(exc), now
                 delay = backoff.next()
                 log.warning("input %s: %s; retrying in %.1fs", driver.name, exc, delay)
             finally:
@@ -192,8 +198,20 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
 
+    async def _record(self, event_log: EventLog, kind: str, **data: Any) -> None:
+        """Append an event about the agent itself to the `agent` stream."""
+        now = time.time()
+        event = NewEvent(kind=kind, time=now, recv_time=now, mono=time.monotonic(), data=data)
+        await event_log.append(events={Stream.AGENT: [event]})
+
     async def _status_loop(self, stop: asyncio.Event) -> None:
+        last = {name: (time.monotonic(), s.readings) for name, s in self.inputs.items()}
         while not stop.is_set():
+            now = time.monotonic()
+            for name, s in self.inputs.items():
+                then, count = last[name]
+                s.rate = (s.readings - count) / max(now - then, 1e-9)
+                last[name] = (now, s.readings)
             self._write_status()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.cfg.agent.status_interval)

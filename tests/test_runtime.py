@@ -305,3 +305,64 @@ async def test_mqtt_input_through_the_runtime(
     values = sorted(r[3] for r in log_rows(cfg.log_path, 1))
     assert values == [float(i) for i in range(200)]
     assert agent.inputs["lan"].rejected == {"not_a_number": 1}
+
+
+async def test_unplugged_port_records_a_gap_and_resumes(tmp_path: Path, cloud: CloudServer) -> None:
+    link = tmp_path / "ttyUSB-by-id"
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    link.symlink_to(os.ttyname(slave))
+    cfg = agent_config(
+        tmp_path,
+        cloud.url + "/ingest",
+        [
+            {
+                "type": "serial",
+                "name": "board",
+                "port": str(link),
+                "reconnect_initial": 0.05,
+                "reconnect_max": 0.2,
+            }
+        ],
+        processing={},
+    )
+    agent = Agent(cfg)
+    task = await start(agent)
+    master2 = slave2 = -1
+    try:
+        await eventually(lambda: agent.inputs["board"].connected, what="the port to open")
+        os.write(master, b'{"sensor":"t1","value":1}\n')
+        await eventually(lambda: agent.inputs["board"].readings == 1, what="the first reading")
+        # Unplug: the device node goes away and its link with it.
+        link.unlink()
+        os.close(master)
+        os.close(slave)
+        await eventually(lambda: not agent.inputs["board"].connected, what="the loss to be noticed")
+        # Plug back in: a new device node behind the same by-id name.
+        master2, slave2 = os.openpty()
+        tty.setraw(slave2)
+        link.symlink_to(os.ttyname(slave2))
+        await eventually(lambda: agent.inputs["board"].connected, what="the reconnect")
+        os.write(master2, b'{"sensor":"t1","value":2}\n')
+        await eventually(lambda: agent.inputs["board"].readings == 2, what="a reading after replug")
+        assert agent.log is not None
+        log = agent.log
+        await eventually(
+            lambda: log.cursor("upstream:cloud", Stream.AGENT) >= 3, what="agent events sent"
+        )
+    finally:
+        await stop(agent, task)
+        for fd in (master2, slave2):
+            if fd >= 0:
+                os.close(fd)
+    kinds = [(r[1], __import__("json").loads(r[4])) for r in log_rows(cfg.log_path, 4)]
+    assert [k for k, _ in kinds] == ["agent.started", "input.disconnected", "gap"]
+    gap = kinds[2][1]
+    assert gap["input"] == "board" and gap["reason"] == "disconnected"
+    assert gap["from"] < gap["to"]
+    with CloudStore(tmp_path / "cloud.db") as store:
+        assert [e["kind"] for e in store.events("agent")] == [
+            "agent.started",
+            "input.disconnected",
+            "gap",
+        ]
