@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TSTAMP := $(VENV)/.installed-test
 
-.PHONY: run test bench lint clean mosquitto
+.PHONY: run test bench lint clean test-deps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,17 +24,23 @@ run: $(STAMP)
 	$(VENV)/bin/edge-sim demo --config config/demo.yaml
 
 ## make test: venv with test extras, mosquitto present, then pytest
-test: $(TSTAMP) mosquitto
+test: $(TSTAMP) test-deps
 	$(PY) -m pytest
 
-mosquitto:
-	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+# The tests start real brokers (mosquitto) and screenshot the cloud page (chromium);
+# as root on Debian we install what is missing, otherwise we say what to install.
+test-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium fonts-dejavu-core"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "mosquitto missing: installing Debian's package"; \
+		echo "installing Debian packages:$$missing"; \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else \
-		echo "mosquitto is needed by the tests: run 'sudo apt-get install mosquitto'" >&2; exit 1; \
+		echo "the tests need:$$missing; run 'sudo apt-get install$$missing'" >&2; \
+		case "$$missing" in *mosquitto*) exit 1;; esac; \
 	fi
 
 lint: $(TSTAMP)
