@@ -50,6 +50,7 @@ lint: $(TSTAMP)
 
 bench: $(STAMP)
 	$(PY) bench/log_append.py
+	$(PY) bench/processing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

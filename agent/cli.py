@@ -51,16 +51,31 @@ def check(config: ConfigArg) -> None:
 def run(config: ConfigArg) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
     cfg = _load(config)
+    from agent.preflight import key_file_problems
+
+    problems = key_file_problems(cfg)
+    for problem in problems:
+        typer.echo(problem, err=True)
+    if problems:
+        raise typer.Exit(1)
     logging.basicConfig(
         level=cfg.agent.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from agent.notify import Notifier
     from agent.runtime import Agent
 
     async def main() -> None:
-        agent = Agent(cfg)
+        # Taken out of the environment, so command actions cannot speak for the agent.
+        agent = Agent(cfg, Notifier.from_env(unset=True))
         loop = asyncio.get_running_loop()
+
+        def on_hup() -> None:
+            logging.getLogger("agent").info("SIGHUP received: reloading %s", config)
+            agent.request_reload(config)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
 
         def on_signal(signame: str) -> None:
             logging.getLogger("agent").info("%s received", signame)
@@ -244,6 +259,352 @@ def tail(
         return
     finally:
         db.close()
+
+
+# --------------------------------------------------------------------------- plan, replay
+
+#: Bytes a reading takes in the log when there is no log to measure yet (bench/log_append.py
+#: measures 76 on the schema of this version).
+ESTIMATED_EVENT_BYTES = 80.0
+#: How many of the newest events of a stream the measured rate is taken over.
+RATE_SAMPLE = 10_000
+
+
+def measure_log(cfg: AgentConfig) -> dict[str, Any] | None:
+    """Bytes per event, event rates (from the receive times of each stream's newest events)
+    and every upstream's backlog, read from the log; None when there is no log yet."""
+    if not cfg.log_path.exists():
+        return None
+    db = _open_ro(cfg)
+    try:
+        heads = dict(db.execute("SELECT stream, seq FROM heads").fetchall())
+        total = 0
+        rates: dict[str, float] = {}
+        for stream, code in STREAM_CODES.items():
+            (count,) = db.execute("SELECT count(*) FROM events WHERE stream=?", (code,)).fetchone()
+            total += count
+            n, first, last = db.execute(
+                "SELECT count(*), min(recv_time), max(recv_time) FROM events"
+                " WHERE stream=? AND seq>?",
+                (code, heads.get(code, 0) - RATE_SAMPLE),
+            ).fetchone()
+            if n >= 2 and last > first:
+                rates[stream.value] = (n - 1) / (last - first)
+        backlog: dict[str, int] = {}
+        for consumer, code, seq in db.execute("SELECT consumer, stream, seq FROM cursors"):
+            if consumer.startswith("upstream:"):
+                name = consumer.removeprefix("upstream:")
+                backlog[name] = backlog.get(name, 0) + max(0, heads.get(code, 0) - seq)
+        page_size, pages, free = (
+            db.execute(f"PRAGMA {p}").fetchone()[0]
+            for p in ("page_size", "page_count", "freelist_count")
+        )
+    finally:
+        db.close()
+    used = (pages - free) * page_size
+    return {
+        "events": total,
+        "bytes": used,
+        "bytes_per_event": used / total if total >= 1000 else None,
+        "rates": rates,
+        "backlog": backlog,
+    }
+
+
+def offline_plan(cfg: AgentConfig, rate: float | None = None) -> dict[str, Any]:
+    """How many hours offline the disk quota holds, and where each figure comes from.
+
+    The rate is, first found: `rate` (given), the log's (events of every stream received
+    lately), the running agent's (its inputs' readings/s in status.json), the configured one
+    (simulated inputs: rate x sensors). Bytes per event are measured in the log when it holds
+    1,000 events or more, else estimated. An outage fills the quota with what is not yet
+    forwarded (what was forwarded goes first), and `max_age` bounds it too.
+    """
+    measured = measure_log(cfg)
+    live = read_live(cfg.agent.data_dir)
+    configured = 0.0
+    unknown: list[str] = []
+    for i in cfg.inputs:
+        if i.type == "simulated" and i.rate > 0:
+            configured += i.rate * len(i.sensors)
+        else:
+            unknown.append(i.name)
+    live_rate = (
+        sum(float(i.get("rate", 0.0)) for i in live.get("inputs", {}).values())
+        if is_running(live)
+        else 0.0
+    )
+    log_rate = sum(measured["rates"].values()) if measured else 0.0
+    if rate is not None:
+        used_rate, source = rate, "given (--rate)"
+    elif log_rate > 0:
+        used_rate, source = log_rate, f"measured in the log (newest {RATE_SAMPLE:,} per stream)"
+    elif live_rate > 0:
+        used_rate, source = live_rate, "measured by the running agent (status)"
+    elif configured > 0:
+        used_rate, source = configured, "configured (simulated inputs: rate x sensors)"
+    else:
+        used_rate, source = 0.0, "unknown (no log, no running agent: give --rate)"
+    per_event = measured["bytes_per_event"] if measured else None
+    bytes_source = "measured in the log" if per_event else "estimated: too few events to measure"
+    per_event = per_event or ESTIMATED_EVENT_BYTES
+    quota = cfg.log.quota
+    bytes_per_hour = per_event * used_rate * 3600
+    hours = quota / bytes_per_hour if bytes_per_hour > 0 else None
+    max_age_hours = cfg.log.max_age / 3600
+    upstreams = []
+    for u in cfg.upstreams:
+        backlog = (measured or {}).get("backlog", {}).get(u.name, 0)
+        room = max(0.0, quota - backlog * per_event)
+        upstreams.append(
+            {
+                "name": u.name,
+                "backlog_events": backlog,
+                "backlog_bytes": round(backlog * per_event),
+                "hours_left": room / bytes_per_hour if bytes_per_hour > 0 else None,
+            }
+        )
+    return {
+        "quota": quota,
+        "bytes_per_event": round(per_event, 1),
+        "bytes_source": bytes_source,
+        "rate": round(used_rate, 3),
+        "rate_source": source,
+        "rates": {
+            "log": round(log_rate, 3),
+            "log_streams": {k: round(v, 3) for k, v in (measured or {}).get("rates", {}).items()},
+            "status": round(live_rate, 3),
+            "configured": round(configured, 3),
+            "unconfigured_inputs": unknown,
+        },
+        "offline_hours": None if hours is None else round(hours, 2),
+        "max_age_hours": round(max_age_hours, 2),
+        "holds_hours": None if hours is None else round(min(hours, max_age_hours), 2),
+        "upstreams": upstreams,
+    }
+
+
+@app.command()
+def plan(
+    config: ConfigArg,
+    rate: Annotated[
+        float | None, typer.Option("--rate", help="Plan for this many events/s instead.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """How many hours offline the disk quota holds at the measured (or configured) rate."""
+    cfg = _load(config)
+    out = offline_plan(cfg, rate)
+    if as_json:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    console = Console()
+    console.print(
+        f"[bold]{cfg.agent.name}[/]: quota {out['quota'] / 2**20:,.0f} MiB, "
+        f"{out['bytes_per_event']:.1f} bytes/event ({out['bytes_source']})"
+    )
+    console.print(f"rate: {out['rate']:,.1f} events/s, {out['rate_source']}")
+    if out["rates"]["unconfigured_inputs"] and out["rates"]["log"] == 0:
+        console.print(
+            f"  inputs without a known rate: {', '.join(out['rates']['unconfigured_inputs'])}"
+        )
+    if out["offline_hours"] is None:
+        console.print("offline: no rate to plan with (run the agent a while, or give --rate)")
+        raise typer.Exit(1)
+    hours, max_age = out["offline_hours"], out["max_age_hours"]
+    bound = "the quota" if hours <= max_age else f"max_age ({max_age:,.1f} h)"
+    console.print(
+        f"[bold]offline: {out['holds_hours']:,.1f} h[/] ({out['holds_hours'] / 24:,.1f} days) "
+        f"before the oldest unforwarded readings are dropped, bounded by {bound}"
+    )
+    if out["upstreams"]:
+        t = Table("upstream", "backlog events", "backlog MiB", "hours left now", title="Upstreams")
+        for u in out["upstreams"]:
+            left = "-" if u["hours_left"] is None else f"{u['hours_left']:,.1f}"
+            t.add_row(
+                u["name"], f"{u['backlog_events']:,}", f"{u['backlog_bytes'] / 2**20:.1f}", left
+            )
+        console.print(t)
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """Wall time from `2h ago` (or `2h`: any duration, meaning that long ago), an ISO 8601
+    time (`2026-11-26T14:00`, local time unless it has an offset) or seconds since the epoch."""
+    import datetime
+
+    from agent.units import parse_duration
+
+    now = time.time() if now is None else now
+    value = text.strip()
+    relative = value.removesuffix("ago").strip()
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is not None and number >= 1e9:
+        return number
+    try:
+        return now - parse_duration(relative)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: write `2h ago`, `30m ago`, an ISO 8601 time such as "
+            "2026-11-26T14:00 (local) or 2026-11-26T13:00Z, or seconds since the epoch"
+        ) from None
+    return when.timestamp()
+
+
+def _seq_at(db: sqlite3.Connection, code: int, since: float) -> int:
+    """The seq just before the first event of a stream received at or after `since` (what
+    EventLog.seq_at computes, on a read-only connection)."""
+    lo, hi = db.execute("SELECT min(seq), max(seq) FROM events WHERE stream=?", (code,)).fetchone()
+    if lo is None:  # nothing kept: everything so far came before `since`
+        row = db.execute("SELECT seq FROM heads WHERE stream=?", (code,)).fetchone()
+        return int(row[0]) if row else 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        row = db.execute(
+            "SELECT recv_time FROM events WHERE stream=? AND seq>=? ORDER BY seq LIMIT 1",
+            (code, mid),
+        ).fetchone()
+        if row is None or row[0] >= since:
+            hi = mid - 1
+        else:
+            lo = mid + 1
+    return int(lo - 1)
+
+
+def _replay_targets(
+    cfg: AgentConfig, consumer: str, streams: list[Stream], since: float
+) -> dict[Stream, tuple[int, int, int]]:
+    """Per stream: (cursor now, cursor to rewind to, head)."""
+    db = _open_ro(cfg)
+    try:
+        heads = dict(db.execute("SELECT stream, seq FROM heads").fetchall())
+        cursors = dict(
+            db.execute("SELECT stream, seq FROM cursors WHERE consumer=?", (consumer,)).fetchall()
+        )
+        out = {}
+        for s in streams:
+            code = STREAM_CODES[s]
+            now = int(cursors.get(code, 0))
+            out[s] = (now, min(now, _seq_at(db, code, since)), int(heads.get(code, 0)))
+    finally:
+        db.close()
+    return out
+
+
+def _cursors_of(cfg: AgentConfig, consumer: str) -> dict[Stream, int]:
+    db = _open_ro(cfg)
+    try:
+        rows = db.execute("SELECT stream, seq FROM cursors WHERE consumer=?", (consumer,))
+        return {CODE_STREAMS[code]: int(seq) for code, seq in rows}
+    finally:
+        db.close()
+
+
+@app.command()
+def replay(
+    config: ConfigArg,
+    upstream: Annotated[str, typer.Option("--upstream", "-u", help="The upstream's name.")],
+    since: Annotated[
+        str, typer.Option("--since", help="From when: `2h ago`, ISO 8601, or epoch seconds.")
+    ],
+    stream: Annotated[
+        list[Stream] | None,
+        typer.Option("--stream", "-s", help="Only this stream (repeatable; default: all)."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Show progress until the running agent caught up.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="Stop waiting after this many seconds.")
+    ] = None,
+) -> None:
+    """Send an upstream everything received since TIME again (the receiver drops what it
+    already has, by event id): its cursors are moved back, now if the agent is stopped, or by
+    the running agent between two batches."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from agent.upstream import replay_request_path, write_replay_request
+
+    cfg = _load(config)
+    up = next((u for u in cfg.upstreams if u.name == upstream), None)
+    if up is None:
+        names = ", ".join(u.name for u in cfg.upstreams) or "none"
+        typer.echo(f"no upstream named {upstream!r} in {config} (upstreams: {names})", err=True)
+        raise typer.Exit(1)
+    wanted = [Stream(s) for s in up.streams]
+    for s in stream or []:
+        if s not in wanted:
+            typer.echo(f"upstream {upstream!r} does not forward {s.value}", err=True)
+            raise typer.Exit(1)
+    streams = [s for s in wanted if not stream or s in stream]
+    try:
+        when = parse_since(since)
+    except ValueError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    consumer = f"upstream:{upstream}"
+    targets = _replay_targets(cfg, consumer, streams, when)
+    moves = {s: new for s, (now, new, _) in targets.items() if new < now}
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+    for s, (now, new, _) in targets.items():
+        if new < now:
+            typer.echo(f"{s.value}: cursor {now} -> {new} ({now - new:,} events sent again)")
+        else:
+            typer.echo(f"{s.value}: nothing sent since {stamp} yet (cursor {now})")
+    if not moves:
+        return
+    running = is_running(read_live(cfg.agent.data_dir))
+    if not running:
+        asyncio.run(_rewind(cfg, consumer, moves))
+        typer.echo(f"rewound; {upstream} sends them when the agent runs next")
+        return
+    request = write_replay_request(cfg.agent.data_dir, upstream, moves)
+    deadline = time.monotonic() + 15
+    while request.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if replay_request_path(cfg.agent.data_dir, upstream).exists():
+        typer.echo(
+            f"asked the running agent; {upstream} takes the request at its next attempt ({request})"
+        )
+    else:
+        typer.echo(f"the running agent rewound {upstream}")
+    if not wait:
+        return
+    heads = {s: targets[s][2] for s in moves}
+    total = sum(heads[s] - moves[s] for s in moves)
+    until = None if timeout is None else time.monotonic() + timeout
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(f"replaying to {upstream}", total=total)
+        while True:
+            cursors = _cursors_of(cfg, consumer)
+            done = sum(max(0, min(cursors.get(s, 0), heads[s]) - moves[s]) for s in moves)
+            progress.update(task, completed=done)
+            if done >= total:
+                break
+            if until is not None and time.monotonic() > until:
+                typer.echo(f"still replaying after {timeout:g}s ({done:,}/{total:,})", err=True)
+                raise typer.Exit(2)
+            time.sleep(0.2)
+
+
+async def _rewind(cfg: AgentConfig, consumer: str, moves: dict[Stream, int]) -> None:
+    from agent.log import EventLog
+
+    async with EventLog.open(cfg.log_path, cfg.log) as event_log:
+        for s, seq in moves.items():
+            await event_log.rewind(consumer, s, seq=seq)
 
 
 service_app = typer.Typer(help="Install or remove the systemd service (as root).")

@@ -181,6 +181,67 @@ def _to_event(stream: Stream, row: Sequence[Any]) -> Event:
     )
 
 
+#: How many moved-aside corrupt logs are kept next to the live one (the oldest go first), so
+#: a card that corrupts files again and again does not fill up with them.
+KEEP_CORRUPT = 2
+# SQLite's primary result codes for "this file is damaged" (not: locked, unreadable, full).
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def check_integrity(path: Path, mode: str = "quick") -> str | None:
+    """What is wrong with the log at `path` (`PRAGMA quick_check` or `integrity_check`), or
+    None when it is sound or does not exist yet. Errors that are not damage (a locked file,
+    no permission, an I/O error) raise `LogError` instead: moving such a file aside would
+    throw away a good log."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    pragma = "integrity_check" if mode == "full" else "quick_check"
+    try:
+        db = sqlite3.connect(path, timeout=10, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise LogError(f"cannot open the log {path}: {exc}") from exc
+    try:
+        rows = db.execute(f"PRAGMA {pragma}(5)").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if _is_corruption(exc):
+            return str(exc)
+        raise LogError(f"cannot check the log {path}: {exc}") from exc
+    finally:
+        db.close()
+    found = [str(r[0]) for r in rows]
+    return None if found == ["ok"] else "; ".join(found)
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged log (and its WAL) to `<name>.corrupt-<UTC time>`; returns the new path.
+    Older moved-aside copies beyond `KEEP_CORRUPT` are deleted."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.replace(path, target)
+    wal = Path(f"{path}-wal")
+    if wal.exists():
+        os.replace(wal, f"{target}-wal")
+    # The shared-memory index only describes the moved WAL; a new log builds its own.
+    Path(f"{path}-shm").unlink(missing_ok=True)
+    # The UTC stamps sort by name in the order they were moved.
+    old = sorted(
+        p for p in path.parent.glob(f"{path.name}.corrupt-*") if not p.name.endswith("-wal")
+    )
+    for stale in old[:-KEEP_CORRUPT]:
+        stale.unlink(missing_ok=True)
+        Path(f"{stale}-wal").unlink(missing_ok=True)
+    return target
+
+
 class EventLog:
     """The durable, append-only, multi-stream event log. Open it with `EventLog.open`."""
 
@@ -203,6 +264,8 @@ class EventLog:
         self._writer_task: asyncio.Task[None] | None = None
         self._last_retention = 0.0
         self._retention_waiters: list[asyncio.Future[None]] = []
+        #: Set when a corrupt log was moved aside at open: `moved_to` and `reason`.
+        self.recovered: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -219,11 +282,32 @@ class EventLog:
 
     async def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.cfg.integrity_check != "off":
+            problem = await asyncio.to_thread(check_integrity, self.path, self.cfg.integrity_check)
+            if problem is not None:
+                self._recover(problem)
+        try:
+            db = await self._connect_writer()
+        except sqlite3.DatabaseError as exc:
+            # Corruption the check did not see (or the check is off): the same recovery, once.
+            if not _is_corruption(exc) or self.recovered is not None:
+                raise LogError(f"the log {self.path} is not usable: {exc}") from exc
+            self._recover(str(exc))
+            try:
+                db = await self._connect_writer()
+            except sqlite3.DatabaseError as again:
+                raise LogError(f"the log {self.path} is not usable: {again}") from again
+        self._writer_db = db
+        self._reader_db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._reader_db.execute("PRAGMA query_only=1")
+        self._last_retention = time.monotonic()
+        self._writer_task = asyncio.create_task(self._writer(), name="log-writer")
+
+    async def _connect_writer(self) -> aiosqlite.Connection:
         try:
             db = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
             raise LogError(f"cannot open the log {self.path}: {exc}") from exc
-        self._writer_db = db
         sync = "FULL" if self.cfg.synchronous == "full" else "NORMAL"
         try:
             await db.execute("PRAGMA journal_mode=WAL")
@@ -233,13 +317,30 @@ class EventLog:
             await db.executescript(_SCHEMA)
             self.log_id = await self._load_log_id(db)
             await self._load_positions(db)
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.DatabaseError:
             await db.close()
-            raise LogError(f"the log {self.path} is not usable: {exc}") from exc
-        self._reader_db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._reader_db.execute("PRAGMA query_only=1")
-        self._last_retention = time.monotonic()
-        self._writer_task = asyncio.create_task(self._writer(), name="log-writer")
+            raise
+        return db
+
+    def _recover(self, problem: str) -> None:
+        """Move a corrupt log aside and start afresh: an agent that keeps collecting beats one
+        that crash-loops on a file it cannot repair. The runtime records `log.recovered`."""
+        try:
+            moved = move_aside(self.path)
+        except OSError as exc:
+            raise LogError(
+                f"the log {self.path} is corrupt ({problem}) and cannot be moved aside: {exc}"
+            ) from exc
+        log.error(
+            "the log %s is corrupt (%s): moved it to %s and started a new log",
+            self.path,
+            problem,
+            moved,
+        )
+        self.recovered = {"moved_to": str(moved), "reason": problem}
+        self._heads = dict.fromkeys(Stream, 0)
+        self._tails = dict.fromkeys(Stream, 1)
+        self._cursors = {}
 
     async def _load_log_id(self, db: aiosqlite.Connection) -> str:
         async with db.execute("SELECT value FROM meta WHERE key='log_id'") as cur:
@@ -326,6 +427,7 @@ class EventLog:
 
     async def _writer(self) -> None:
         last_commit = 0.0
+        failing = 0  # commits failed in a row: the retry pause grows with it, not with history
         while True:
             due = time.monotonic() - self._last_retention >= self.cfg.retention_interval
             if self._retention_waiters or due:
@@ -356,11 +458,20 @@ class EventLog:
                 # front of the queue and retry, so inputs wait (back-pressure) instead of losing.
                 self.stats.write_errors += 1
                 self.stats.last_write_error = str(exc)
-                log.error("log write failed, will retry: %s", exc)
+                failing += 1
+                # Once per failing spell at error level; a full disk retries for hours.
+                log.log(
+                    logging.ERROR if failing == 1 else logging.DEBUG,
+                    "log write failed, inputs wait while it retries: %s",
+                    exc,
+                )
                 for sub in reversed(batch):
                     self._pending.appendleft(sub)
-                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(self.stats.write_errors, 6)))
+                await asyncio.sleep(min(5.0, 0.1 * 2 ** min(failing, 6)))
                 continue
+            if failing:
+                log.warning("log writes work again after %d failed attempts", failing)
+                failing = 0
             last_commit = time.monotonic()
             size = sum(s.size for s in batch)
             self._pending_size -= size

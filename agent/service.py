@@ -42,6 +42,13 @@ def _write(path: Path, text: str, mode: int = 0o644) -> Step:
     return Step(f"write {path} ({len(text)} bytes, mode {mode:o})", run)
 
 
+def _chown(path: Path, user: str, group: str) -> Step:
+    def run() -> None:
+        shutil.chown(path, user, group)
+
+    return Step(f"chown {user}:{group} {path}", run)
+
+
 def _executable() -> str:
     found = shutil.which("edge-agent")
     if found:
@@ -90,6 +97,9 @@ def install_steps(
         steps.append(Step(f"keep {config} (exists; never overwritten)", lambda: None))
     else:
         steps.append(_write(config, example.read_text(), 0o640))
+        # Root owns it; the agent (group edge-agent) may read it, nobody else: it may hold
+        # secrets.
+        steps.append(_chown(config, "root", USER))
     steps.append(_command(["systemctl", "daemon-reload"]))
     steps.append(_command(["systemctl", "enable", "--now", UNIT_NAME]))
     return steps

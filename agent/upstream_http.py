@@ -2,55 +2,71 @@
 
 Delivery is at-least-once: a batch is re-sent until the endpoint answers 2xx, and each event
 carries its stable id `<log id>:<stream>:<seq>` so the receiver drops duplicates (invariant 3).
-The cursor moves only after the 2xx (invariant 2). Lanes go in priority order, so waiting
-alerts are sent before waiting readings.
+The cursor moves only after the 2xx (invariant 2). One request is in flight at a time.
+
+Answers: 2xx acknowledges the batch. 5xx, the `retry_status` codes (401, 403, 408 and 429 by
+default: an expired token or a throttle is not the batch's fault), a timeout and a dropped
+connection are retried after a jittered exponential pause, at least as long as `Retry-After`
+asks. Any other 4xx refuses the batch for good: 400, 413 and 422 are bisected first, so one
+poisoned event is isolated instead of taking its whole batch with it, and what is still
+refused alone goes to the `deadletter` stream (with the status and the response) while the
+cursor moves on, so it never blocks the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import gzip
-import json
 import logging
 import ssl
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections import deque
+from pathlib import Path
 
 import aiohttp
 
+from agent import __version__
 from agent.backoff import Backoff
 from agent.config import HttpUpstreamConfig
-from agent.events import LANES, Event, Stream
-from agent.log import CursorUpdate, EventLog
+from agent.events import Stream
+from agent.log import EventLog
+from agent.upstream import (
+    RESPONSE_TEXT,
+    STARVE_AFTER,
+    STOP_GRACE,
+    Batch,
+    Feed,
+    UpstreamError,
+    UpstreamStatus,
+    WireEncoder,
+    batch_body,
+    deadletter_event,
+    describe_tls_error,
+    join_fit,
+    tls_context,
+)
+
+__all__ = ["STARVE_AFTER", "HttpUpstream", "UpstreamError", "UpstreamStatus"]
 
 log = logging.getLogger(__name__)
 
-#: A lane with events waiting is sent at least once every this many batches (but alerts first).
-STARVE_AFTER = 4
-#: On shutdown, how long a request in flight may still take to be answered.
-STOP_GRACE = 2.0
+#: Refusals that may be caused by one event of the batch: bisected before dead-lettering.
+BISECT_STATUS = frozenset({400, 413, 422})
+#: Room kept in `max_bytes` for the batch's envelope around its events.
+ENVELOPE = 256
+#: Bodies larger than this are compressed off the event loop.
+GZIP_INLINE = 256 * 1024
 
 
-class UpstreamError(Exception):
-    """An upstream did not take a batch."""
+class Refused(Exception):
+    """The endpoint refused a batch for good (a 4xx that is not retried)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass(slots=True)
-class UpstreamStatus:
-    """What `status` shows for an upstream."""
-
-    sent: int = 0
-    batches: int = 0
-    failures: int = 0
-    last_success: float | None = None
-    last_error: str | None = None
-    last_error_time: float | None = None
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"HTTP {status}: {text}")
+        self.status = status
+        self.text = text
 
 
 class HttpUpstream:
@@ -59,95 +75,115 @@ class HttpUpstream:
     `run` is the only method that sends; it is never called concurrently with itself.
     """
 
-    def __init__(self, cfg: HttpUpstreamConfig, agent_name: str) -> None:
+    def __init__(
+        self, cfg: HttpUpstreamConfig, agent_name: str, *, data_dir: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.agent_name = agent_name
         self.consumer = f"upstream:{cfg.name}"
-        self.streams = [s for s in LANES if s.value in cfg.streams]
         self.status = UpstreamStatus()
+        self.feed = Feed(cfg, self.consumer, self.status, data_dir)
+        self.streams = list(self.feed.streams)
         self._backoff = Backoff(cfg.backoff_initial, cfg.backoff_max)
-        self._passed_over: dict[Stream, int] = {}
+        self._retry = frozenset(cfg.retry_status)
+        self._encoder = WireEncoder("")
+
+    @property
+    def name(self) -> str:
+        """The configured name."""
+        return self.cfg.name
 
     async def run(self, event_log: EventLog, stop: asyncio.Event) -> None:
         """Forward until `stop` is set."""
-        await event_log.register(self.consumer, self.streams)
-        timeout = aiohttp.ClientTimeout(total=self.cfg.timeout)
-        headers = {"Content-Type": "application/json", "User-Agent": "edge-agent"}
+        await self.feed.open(event_log)
+        self._encoder = WireEncoder(event_log.log_id)
+        while not stop.is_set():
+            try:
+                async with self._session() as session:
+                    await self._forward(session, event_log, stop)
+            except UpstreamError as exc:  # the session cannot be made (TLS files)
+                await self._failed(exc, stop)
+        await self.feed.flush()
+
+    def _session(self) -> aiohttp.ClientSession:
+        headers = {"Content-Type": "application/json", "User-Agent": f"edge-agent/{__version__}"}
         if self.cfg.token:
             headers["Authorization"] = f"Bearer {self.cfg.token}"
+        headers.update(self.cfg.headers)
         ssl_ctx: ssl.SSLContext | bool = True
-        if self.cfg.ca_file is not None:
-            ssl_ctx = ssl.create_default_context(cafile=str(self.cfg.ca_file))
-        connector = aiohttp.TCPConnector(ssl=ssl_ctx, limit=1)
-        async with aiohttp.ClientSession(
-            timeout=timeout, headers=headers, connector=connector
-        ) as session:
-            while not stop.is_set():
-                batch = await self._next_batch(event_log, stop, retrying=self._backoff.failures > 0)
-                if not batch:
-                    continue
+        if self.cfg.url.startswith("https://"):
+            cfg = self.cfg
+            ssl_ctx = tls_context(cfg.ca_file, cfg.cert_file, cfg.key_file, f"upstream {cfg.name}")
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+            headers=headers,
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=1),
+        )
+
+    async def _forward(
+        self, session: aiohttp.ClientSession, event_log: EventLog, stop: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            await self.feed.take_replay()
+            batch = await self.feed.next(stop, linger=self._backoff.failures == 0)
+            if batch is not None:
                 await self._deliver(session, event_log, batch, stop)
-
-    async def _next_batch(
-        self, event_log: EventLog, stop: asyncio.Event, *, retrying: bool = False
-    ) -> list[Event]:
-        cursors = {s: event_log.cursor(self.consumer, s) for s in self.streams}
-        stream = self._pick([s for s in self.streams if event_log.head(s) > cursors[s]])
-        if stream is not None:
-            behind = event_log.head(stream) - cursors[stream]
-            linger = self.cfg.linger > 0 and not retrying and not stop.is_set()
-            if behind < self.cfg.batch_size and linger:
-                # Let a small batch fill up a little; fewer, fuller requests.
-                await event_log.wait_for(
-                    stream, cursors[stream] + self.cfg.batch_size - 1, within=self.cfg.linger
-                )
-            return await event_log.read(stream, cursors[stream], self.cfg.batch_size)
-        waiter = asyncio.create_task(event_log.wait_any(self.streams, cursors, within=1.0))
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (waiter, stopper):
-            task.cancel()
-        return []
-
-    def _pick(self, pending: list[Stream]) -> Stream | None:
-        """The lane to send next: alerts always first, then by priority, but a lane passed
-        over STARVE_AFTER times gets a turn, so a steady flow of readings cannot keep
-        dead-letter events (last in line) from ever leaving."""
-        if not pending:
-            return None
-        if Stream.ALERTS in pending:
-            choice = Stream.ALERTS
-        else:
-            starved = [s for s in pending if self._passed_over.get(s, 0) >= STARVE_AFTER]
-            choice = starved[0] if starved else pending[0]
-        for s in pending:
-            self._passed_over[s] = 0 if s == choice else self._passed_over.get(s, 0) + 1
-        return choice
-
-    def body(self, log_id: str, batch: list[Event]) -> bytes:
-        """The request body for a batch (see README, "Upstream wire format")."""
-        doc: dict[str, Any] = {
-            "log_id": log_id,
-            "agent": self.agent_name,
-            "sent_at": time.time(),
-            "events": [e.to_wire(log_id) for e in batch],
-        }
-        return json.dumps(doc, separators=(",", ":")).encode()
 
     async def _deliver(
         self,
         session: aiohttp.ClientSession,
         event_log: EventLog,
-        batch: list[Event],
+        batch: Batch,
         stop: asyncio.Event,
     ) -> None:
-        """One attempt at a batch; the cursor moves only on a 2xx."""
-        payload = self.body(event_log.log_id, batch)
+        """Attempts at a batch (and at its halves, when bisected) until each part is
+        acknowledged or refused for good, or an attempt fails: then the rest stays in the log
+        and, after the pause, the next batch is chosen afresh (an alert raised meanwhile
+        overtakes the backlog batch that was failing)."""
+        pieces = deque([batch])
+        while pieces and not stop.is_set():
+            piece = pieces.popleft()
+            if not piece.events:  # the route took none of them: handled
+                await self.feed.ack([(piece.stream, piece.last_seq)])
+                continue
+            parts = self._encoder.events(piece.events)
+            events_json, n = join_fit(parts, self.cfg.max_bytes - ENVELOPE)
+            if n < len(piece.events):
+                rest = Batch(piece.stream, piece.events[n:], 0, piece.last_seq)
+                piece = piece.cut(n)
+                rest.first_seq = piece.last_seq + 1
+                pieces.appendleft(rest)
+            body = batch_body(event_log.log_id, self.agent_name, events_json)
+            try:
+                await self._attempt(session, body, stop)
+            except UpstreamError as exc:
+                await self._failed(exc, stop)
+                return
+            except Refused as refused:
+                if refused.status in BISECT_STATUS and len(piece.events) > 1:
+                    pieces.extendleft(reversed(piece.halves()))
+                    continue
+                await self._deadletter(piece, refused)
+                continue
+            except _Abandoned:
+                return
+            self._backoff.reset()
+            await self.feed.ack([(piece.stream, piece.last_seq)])
+            self.status.sent += len(piece.events)
+            self.status.batches += 1
+            self.status.last_success = time.time()
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, body: bytes, stop: asyncio.Event
+    ) -> None:
         headers = {}
         if self.cfg.gzip:
-            payload = gzip.compress(payload, compresslevel=5)
+            if len(body) > GZIP_INLINE:
+                body = await asyncio.to_thread(gzip.compress, body, 5)
+            else:
+                body = gzip.compress(body, compresslevel=5)
             headers["Content-Encoding"] = "gzip"
-        post = asyncio.create_task(self._post(session, payload, headers))
+        post = asyncio.create_task(self._post(session, body, headers))
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({post, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
@@ -158,31 +194,10 @@ class HttpUpstream:
             await asyncio.wait({post}, timeout=min(self.cfg.timeout, STOP_GRACE))
             if not post.done():
                 post.cancel()
-                with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                with contextlib.suppress(asyncio.CancelledError, UpstreamError, Refused):
                     await post
-                return
-        try:
-            post.result()
-        except UpstreamError as exc:
-            self.status.failures += 1
-            self.status.last_error = str(exc)
-            self.status.last_error_time = time.time()
-            delay = self._backoff.next()
-            if exc.retry_after is not None:
-                delay = max(delay, min(exc.retry_after, self.cfg.backoff_max))
-            if self._backoff.failures <= 3 or self._backoff.failures % 20 == 0:
-                log.warning("upstream %s: %s; retrying in %.1fs", self.cfg.name, exc, delay)
-            # The batch stays in the log; after the pause the next batch is chosen afresh, so
-            # an alert raised during an outage overtakes the backlog batch that was failing.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            return
-        self._backoff.reset()
-        stream = Stream(batch[0].stream)
-        await event_log.append(cursors=[CursorUpdate(self.consumer, stream, batch[-1].seq)])
-        self.status.sent += len(batch)
-        self.status.batches += 1
-        self.status.last_success = time.time()
+                raise _Abandoned
+        post.result()
 
     async def _post(
         self, session: aiohttp.ClientSession, payload: bytes, headers: dict[str, str]
@@ -192,17 +207,83 @@ class HttpUpstream:
                 if 200 <= resp.status < 300:
                     await resp.read()
                     return
-                text = (await resp.text(errors="replace"))[:200]
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
-                raise UpstreamError(f"HTTP {resp.status}: {text}", retry_after)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+                text = (await resp.text(errors="replace"))[:RESPONSE_TEXT].strip()
+                if 400 <= resp.status < 500 and resp.status not in self._retry:
+                    raise Refused(resp.status, text)
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                hint = " (check the token)" if resp.status in (401, 403) else ""
+                raise UpstreamError(f"HTTP {resp.status}{hint}: {text[:200]}", retry_after)
+        except TimeoutError as exc:
+            raise UpstreamError(f"no answer within {self.cfg.timeout:g}s (timeout)") from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise UpstreamError("the server closed the connection without an answer") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            why = describe_tls_error(exc) or f"{type(exc).__name__}: {exc}"
+            reset = isinstance(exc, ConnectionResetError | aiohttp.ClientOSError)
+            if reset and self.cfg.url.startswith("https://") and self.cfg.cert_file is None:
+                # TLS 1.3: a server that wants a client certificate says so by cutting the
+                # connection after the handshake, which reads as a plain reset here.
+                why += " (does the server require a client certificate? set cert_file)"
+            raise UpstreamError(why) from exc
+
+    async def _failed(self, exc: UpstreamError, stop: asyncio.Event) -> None:
+        self.status.failed(str(exc))
+        delay = self._backoff.next()
+        if exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, self.cfg.backoff_max))
+        if self._backoff.failures <= 3 or self._backoff.failures % 20 == 0:
+            log.warning("upstream %s: %s; retrying in %.1fs", self.cfg.name, exc, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+
+    async def _deadletter(self, batch: Batch, refused: Refused) -> None:
+        """Record a batch refused for good and move on past it."""
+        self.status.deadlettered += len(batch.events)
+        self.status.last_error = (
+            f"HTTP {refused.status}: {refused.text[:200]} (batch dead-lettered)"
+        )
+        self.status.last_error_time = time.time()
+        log.error(
+            "upstream %s refused %d %s (seq %d..%d) for good: HTTP %d: %s",
+            self.cfg.name,
+            len(batch.events),
+            batch.stream.value,
+            batch.events[0].seq,
+            batch.last_seq,
+            refused.status,
+            refused.text[:200],
+        )
+        events = None
+        # Refused dead-letter events are not dead-lettered again, which could go on forever:
+        # they stay in the log, counted and logged.
+        if batch.stream != Stream.DEADLETTER:
+            record = deadletter_event(
+                self.cfg.name,
+                self.consumer,
+                batch.stream,
+                (batch.events[0].seq, batch.last_seq),
+                len(batch.events),
+                refused.status,
+                refused.text,
+            )
+            events = {Stream.DEADLETTER: [record]}
+        await self.feed.ack([(batch.stream, batch.last_seq)], events)
 
 
-def _retry_after(value: str | None) -> float | None:
+class _Abandoned(Exception):
+    """The agent stopped while a request was unanswered: the batch stays in the log."""
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header: delay-seconds or an HTTP date."""
     if value is None:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return None
+    return max(0.0, when.timestamp() - time.time())

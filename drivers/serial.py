@@ -1,16 +1,26 @@
-"""A sensor on a serial port: lines of JSON or CSV, framed, decoded and batched.
+"""A sensor on a serial port: lines framed, decoded (json, csv, kv, regex) and batched.
 
 The port is read only when the consumer asks for the next batch, with non-blocking reads on
 its file descriptor woken by the event loop (`loop.add_reader`), so there is no reader thread
 and no queue: while the runtime is busy, the bytes wait in the kernel's tty buffer and, once
 that is full, the device blocks or its flow control kicks in. Nothing is buffered here beyond
 one partial line (at most `max_line` bytes) and one chunk.
+
+A port is opened by path each time, so a `/dev/serial/by-id/...` link that udev removes on
+unplug and re-creates, pointing at a new tty, on replug is simply found again (while it is gone,
+`open` fails and the runtime retries). pyserial flushes what the tty held at open (stale bytes),
+and the device may be in the middle of a line at that instant, so the stream is joined at an
+arbitrary byte: the bytes up to the first terminator are dropped and counted in `resync_bytes`,
+as the tail of a line is neither a reading nor bad input. Only a first line the decoder can
+tell is whole (a JSON line that decodes, a CSV header) is kept.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import termios
 import time
@@ -20,12 +30,22 @@ from typing import Self
 import serial
 
 from agent.config import SerialInputConfig
-from agent.events import Invalid, Reading, Rejected
+from agent.events import Invalid, Reading, Rejected, Sample
 from drivers.base import Batch, DriverError
-from drivers.decoders import LineFramer, Oversized, decoder_for
+from drivers.decoders import LineFramer, Oversized, Tail, decoder_for
+
+log = logging.getLogger(__name__)
 
 #: Bytes asked of the port per read; each read becomes (at most) one batch.
 READ_SIZE = 4096
+
+_PARITY = {
+    "none": serial.PARITY_NONE,
+    "even": serial.PARITY_EVEN,
+    "odd": serial.PARITY_ODD,
+    "mark": serial.PARITY_MARK,
+    "space": serial.PARITY_SPACE,
+}
 
 
 class SerialDriver:
@@ -33,12 +53,14 @@ class SerialDriver:
 
     Each chunk read from the port becomes one `Batch` of `Reading`s and `Rejected` lines, in
     arrival order; chunks holding no complete line yield nothing. A partial line left when the
-    driver is closed, or when the port vanishes, is dropped: it was never a reading, and after
-    a reconnect the stream starts at an arbitrary byte anyway.
+    driver is closed, or when the port vanishes, is dropped: it was never a reading. After each
+    `open` the bytes before the first terminator are dropped and counted in `resync_bytes`
+    (unless the decoder can tell the line is whole, see `LineDecoder.first_line`).
 
-    `open` and iteration raise `DriverError` when the port cannot be opened or vanishes
-    (unplugged, EIO/ENODEV, hang-up); the runtime then closes the driver and decides whether and
-    when to `open` it again.
+    `open` and iteration raise `DriverError` when the port cannot be opened (missing, a by-id
+    link gone, busy, not a tty) or vanishes (unplugged: EIO/ENODEV, hang-up), or when no byte
+    came for `idle_timeout`; the runtime then closes the driver and decides whether and when to
+    `open` it again.
     `close` may be called while iteration waits for input (it then ends promptly with
     StopAsyncIteration), and more than once. Iteration is never called concurrently with
     itself; everything runs on the event loop thread.
@@ -48,26 +70,39 @@ class SerialDriver:
         self.name = cfg.name
         self.cfg = cfg
         self._read_size = read_size
-        self._decode = decoder_for(cfg.format, cfg.csv_columns)
+        self._decode = decoder_for(cfg)
         self._framer = LineFramer(cfg.max_line, cfg.terminator.encode("utf-8"))
         self._port: serial.Serial | None = None
         self._fd = -1
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
+        #: Bytes dropped as the tail of a line after an open (the port joined mid-line).
+        self.resync_bytes = 0
 
     async def open(self) -> None:
         """Open and lock the port; raise DriverError if it is missing, busy or not a tty."""
         if self._port is not None:
             raise RuntimeError(f"serial input {self.name!r} is already open")
+        cfg = self.cfg
         try:
             # The device is opened O_NONBLOCK by pyserial, so this does not wait for carrier.
             port = serial.Serial(
-                port=self.cfg.port, baudrate=self.cfg.baudrate, timeout=0, exclusive=True
+                port=cfg.port,
+                baudrate=cfg.baudrate,
+                bytesize=cfg.bytesize,
+                parity=_PARITY[cfg.parity],
+                stopbits=cfg.stopbits,
+                xonxoff=cfg.flow_control == "xonxoff",
+                rtscts=cfg.flow_control == "rtscts",
+                timeout=0,
+                exclusive=True,
             )
         except (serial.SerialException, OSError, ValueError) as exc:
-            raise DriverError(
-                f"serial input {self.name!r}: cannot open {self.cfg.port}: {exc}"
-            ) from exc
+            if getattr(exc, "errno", None) == errno.ENOENT:
+                why = "no such device (unplugged?)"
+            else:
+                why = str(exc)
+            raise DriverError(f"serial input {self.name!r}: cannot open {cfg.port}: {why}") from exc
         try:
             fd = port.fileno()
             # pyserial leaves VMIN at 0, where a read with nothing to read returns b"", the same
@@ -82,7 +117,7 @@ class SerialDriver:
                 f"serial input {self.name!r}: cannot set up {self.cfg.port}: {exc}"
             ) from exc
         self._port, self._fd, self._closed = port, fd, False
-        self._framer.reset()
+        self._framer.resync()
 
     def __aiter__(self) -> Self:
         return self
@@ -112,8 +147,15 @@ class SerialDriver:
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiter = waiter
         loop.add_reader(self._fd, _wake, waiter)
+        idle = self.cfg.idle_timeout
         try:
-            await waiter
+            async with asyncio.timeout(idle if idle > 0 else None):
+                await waiter
+        except TimeoutError:
+            # A wedged USB-serial adapter or a hung device: reopening is the cure that exists.
+            raise DriverError(
+                f"serial input {self.name!r}: {self.cfg.port}: no data for {idle:g}s"
+            ) from None
         finally:
             self._waiter = None
             if not self._closed:  # close() has already unregistered the fd it closed
@@ -124,15 +166,25 @@ class SerialDriver:
         source, prefix = self.name, self.cfg.sensor_prefix
         items: list[Reading | Rejected] = []
         for line in self._framer.feed(chunk):
-            if isinstance(line, Oversized):
+            samples: list[Sample] | None
+            if isinstance(line, Tail):
+                samples = None if line.raw is None else self._decode.first_line(line.raw)
+                if samples is None:
+                    self.resync_bytes += line.size
+                    if line.size:
+                        log.debug("%s: dropped %d bytes before the first line", source, line.size)
+                    continue
+            elif isinstance(line, Oversized):
                 detail = f"line longer than {self.cfg.max_line} bytes"
                 items.append(Rejected(line.raw, "oversized", detail, source, recv, mono))
                 continue
-            decoded = self._decode(line)
-            if isinstance(decoded, Invalid):
-                items.append(Rejected(line, decoded.reason, decoded.detail, source, recv, mono))
-                continue
-            for s in decoded:
+            else:
+                decoded = self._decode(line)
+                if isinstance(decoded, Invalid):
+                    items.append(Rejected(line, decoded.reason, decoded.detail, source, recv, mono))
+                    continue
+                samples = decoded
+            for s in samples:
                 event_time = recv if s.time is None else s.time
                 items.append(
                     Reading(prefix + s.sensor, s.value, s.unit, event_time, recv, mono, source)

@@ -6,38 +6,65 @@ Endpoints:
   stored is counted as a duplicate, never stored twice. The batch is committed before the
   200 `{"accepted": n, "duplicates": d}` goes out, because the agent moves its cursor on 2xx.
   401 without the bearer token (when one is set), 400 `{"error": reason}` on a bad body,
-  503 while `down`, 500 on an injected failure.
-- `GET /api/summary`: a JSON snapshot for a live view (see `summarize`).
-- `POST /control` (and `GET`): fault switches `{"down": bool, "fail_rate": float,
-  "lose_ack_rate": float}`; any subset may be given. Guarded by the token like `/ingest`.
+  503 while `down`, and the injected faults below.
+- `GET /`: a live page of what arrived (per sensor: readings, windowed means, alerts; the
+  delivery lag; duplicate and gap counts). It polls the two JSON endpoints that follow.
+- `GET /api/summary`: a JSON snapshot for a live view (see `summarize`), with `faults`,
+  `injected` (how many times each fault fired) and `mqtt` (the subscription, or null).
+- `GET /api/series?sensor=S[&since=T][&until=T][&points=N]`: one sensor's readings (bucketed
+  to at most N points), aggregates and alerts between two event times (see `sensor_series`).
+- `POST /control` (and `GET`): the fault switches (see `Faults`); any subset may be given.
+  Guarded by the token like `/ingest`.
 
-Faults: `fail_rate` answers that fraction of ingest POSTs with 500 before storing anything;
-`lose_ack_rate` stores and commits the batch, then answers 500 anyway (a lost ack), which makes
-the agent resend and exercises duplicate dropping. Both draw from a seeded random generator.
+Faults, each drawn from one seeded random generator, in the order a request meets them:
+`latency` + up to `jitter` seconds before anything is answered; `down` (503; `down_for`
+brings it back after that many seconds); `fail_rate` (500 before storing); `throttle_rate`
+(429 with `Retry-After: retry_after`); then the body is read and stored, and `drop_rate`
+closes the connection without any answer (the agent sees a disconnect and sends again), and
+`lose_ack_rate` answers 500 anyway (a lost ack). Both of the last two make the agent resend
+a batch already stored, which exercises duplicate dropping.
+
+With an MQTT subscription (`MqttSubscription`), what the agent publishes on a broker is stored
+the same way: a message is a batch like the HTTP body, or one event object.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib.resources
 import json
+import logging
 import math
 import random
 import sqlite3
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import paho.mqtt.client as mqtt
 from aiohttp import web
+from paho.mqtt.enums import CallbackAPIVersion
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 ALERT_KINDS = ("alert.raised", "alert.cleared")
 RECENT_WINDOW = 10.0  # seconds, for `recent` in the summary
 SUMMARY_ALERTS = 20
+SUMMARY_GAPS = 20
+SUMMARY_DELIVERIES = 120  # the lag history in the summary, newest batches
+SERIES_POINTS = 600  # default and
+SERIES_MAX_POINTS = 5000  # most buckets of readings in a series
+SERIES_SPAN = 300.0  # seconds of event time a series covers when `since` is not given
+SERIES_ALERTS = 200
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -58,6 +85,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
 CREATE INDEX IF NOT EXISTS events_kind_time ON events (kind, time);
+CREATE INDEX IF NOT EXISTS events_sensor_kind_time ON events (sensor, kind, time);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS streams (stream TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sensors (
@@ -70,6 +98,15 @@ CREATE TABLE IF NOT EXISTS sensors (
     agg_value  REAL,
     agg_time   REAL,
     agg_data   TEXT
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id          INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    source      TEXT NOT NULL,
+    events      INTEGER NOT NULL,
+    accepted    INTEGER NOT NULL,
+    duplicates  INTEGER NOT NULL,
+    lag         REAL NOT NULL
 );
 """
 
@@ -167,6 +204,23 @@ def _parse_event(i: int, e: Any, log_id: str | None) -> IngestEvent:
     )
 
 
+def parse_message(payload: bytes) -> IngestBatch:
+    """Validate an MQTT message: a batch like the HTTP body, or one event object.
+
+    A lone event's log id is taken from its id (`<log_id>:<stream>:<seq>`), so the same
+    consistency check applies to it as to an event of a batch.
+    """
+    try:
+        doc = json.loads(payload)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise BatchError(f"payload is not JSON: {e}") from e
+    if isinstance(doc, dict) and "events" not in doc and "id" in doc:
+        event_id = doc["id"]
+        log_id = event_id.rsplit(":", 2)[0] if isinstance(event_id, str) else None
+        doc = {"log_id": log_id if log_id != event_id else None, "events": [doc]}
+    return parse_batch(doc)
+
+
 def connect(db_path: str | Path, *, create: bool = False) -> sqlite3.Connection:
     """A connection to the endpoint's database, in WAL mode; `create` makes the schema."""
     if create:
@@ -190,9 +244,13 @@ def _bump(conn: sqlite3.Connection, name: str, by: int = 1) -> None:
 
 
 def store_batch(
-    conn: sqlite3.Connection, batch: IngestBatch, received_at: float
+    conn: sqlite3.Connection, batch: IngestBatch, received_at: float, source: str = "http"
 ) -> tuple[int, int]:
-    """Insert the batch in one committed transaction; return (accepted, duplicates)."""
+    """Insert the batch in one committed transaction; return (accepted, duplicates).
+
+    Each non-empty batch also leaves a `deliveries` row: where it came from, and its lag
+    (`received_at` minus the newest `recv_time` in it: how long the agent held it).
+    """
     accepted = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -232,6 +290,19 @@ def store_batch(
         if duplicates:
             _bump(conn, "duplicates", duplicates)
         _bump(conn, "batches")
+        if batch.events:
+            conn.execute(
+                "INSERT INTO deliveries (received_at, source, events, accepted, duplicates, lag)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    received_at,
+                    source,
+                    len(batch.events),
+                    accepted,
+                    duplicates,
+                    received_at - max(ev.recv_time for ev in batch.events),
+                ),
+            )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -282,7 +353,10 @@ def summarize(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     the last 10 s; `last_received_at`: server time of the newest batch; `upstream_lag`: now
     minus the newest `recv_time` in that batch (null before any event); `sensors`: per sensor
     `count`, `unit`, `last_value`, `last_time` (readings) and `aggregate` (the latest one);
-    `alerts`: the last 20 alert.raised/alert.cleared events, newest first.
+    `alerts`: the last 20 alert.raised/alert.cleared events, newest first; `gaps`: the gap
+    events the agent reported (`events`, `readings`: the sum of their counts, `recent`: the
+    last 20, newest first, each with the `start`/`end` it covers when known); `deliveries`:
+    the last 120 non-empty batches, oldest first, as `[received_at, lag, events, duplicates]`.
     """
     streams = {s: int(c) for s, c in conn.execute("SELECT stream, count FROM streams ORDER BY 1")}
     (recent,) = conn.execute(
@@ -346,6 +420,142 @@ def summarize(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
         "upstream_lag": lag,
         "sensors": sensors,
         "alerts": alerts,
+        "gaps": _gaps(conn),
+        "deliveries": [
+            [r[0], r[1], r[2], r[3]]
+            for r in conn.execute(
+                "SELECT received_at, lag, events, duplicates FROM"
+                " (SELECT * FROM deliveries ORDER BY id DESC LIMIT ?) ORDER BY id",
+                (SUMMARY_DELIVERIES,),
+            )
+        ],
+    }
+
+
+def _gaps(conn: sqlite3.Connection) -> dict[str, Any]:
+    (events, readings) = conn.execute(
+        "SELECT count(*), coalesce(sum(json_extract(data, '$.count')), 0)"
+        " FROM events WHERE kind = 'gap'"
+    ).fetchone()
+    recent = []
+    for event_id, t, text in conn.execute(
+        "SELECT id, time, data FROM events WHERE kind = 'gap' ORDER BY time DESC, seq DESC LIMIT ?",
+        (SUMMARY_GAPS,),
+    ):
+        data = _loads(text)
+        data = data if isinstance(data, dict) else {}
+        # Two shapes: the log's quota gap (readings it dropped, with their event times) and
+        # the runtime's input gap (a disconnected input, `from` and `to` in wall-clock time).
+        start = data.get("first_time", data.get("from"))
+        end = data.get("last_time", data.get("to"))
+        recent.append(
+            {
+                "id": event_id,
+                "time": t,
+                "reason": data.get("reason"),
+                "stream": data.get("stream"),
+                "input": data.get("input"),
+                "count": data.get("count"),
+                "start": start if _is_number(start) else None,
+                "end": end if _is_number(end) else None,
+            }
+        )
+    return {"events": int(events), "readings": int(readings), "recent": recent}
+
+
+def sensor_series(
+    conn: sqlite3.Connection,
+    sensor: str,
+    since: float | None = None,
+    until: float | None = None,
+    points: int = SERIES_POINTS,
+) -> dict[str, Any] | None:
+    """One sensor's data between two event times, for a plot; None for an unknown sensor.
+
+    `until` defaults to the sensor's newest event time (not the wall clock: a backlog or a
+    device with a wrong clock still shows), `since` to `SERIES_SPAN` seconds before it.
+    `readings`: `[time, mean, min, max, count]` per bucket of `(until - since) / points`
+    seconds (a bucket holds one reading when they are sparse), in time order; `aggregates`:
+    the newest `points` aggregates as `{time, value, window, start, end}` (start and end: the
+    window's first and last reading); `alerts`: the newest 200 alert events.
+    """
+    row = conn.execute(
+        "SELECT unit, count, last_value, last_time, agg_time FROM sensors WHERE sensor = ?",
+        (sensor,),
+    ).fetchone()
+    if row is None:
+        return None
+    unit, count, last_value, last_time, agg_time = row
+    if until is None:
+        newest = [t for t in (last_time, agg_time) if t is not None]
+        until = max(newest) if newest else time.time()
+    if since is None or since >= until:
+        since = until - SERIES_SPAN
+    step = (until - since) / points
+    readings = [
+        [r[0], r[1], r[2], r[3], r[4]]
+        for r in conn.execute(
+            "SELECT avg(time), avg(value), min(value), max(value), count(*) FROM events"
+            " WHERE sensor = ? AND kind = 'reading' AND time >= ? AND time <= ?"
+            " AND value IS NOT NULL"
+            " GROUP BY min(CAST((time - ?) / ? AS INTEGER), ?) ORDER BY 1",
+            (sensor, since, until, since, step, points - 1),
+        )
+    ]
+    aggregates = []
+    for t, value, text in reversed(
+        conn.execute(
+            "SELECT time, value, data FROM events WHERE sensor = ? AND kind = 'aggregate'"
+            " AND time >= ? AND time <= ? AND value IS NOT NULL ORDER BY time DESC LIMIT ?",
+            (sensor, since, until, points),
+        ).fetchall()
+    ):
+        data = _loads(text)
+        data = data if isinstance(data, dict) else {}
+        aggregates.append(
+            {
+                "time": t,
+                "value": value,
+                "window": data.get("window"),
+                "start": data.get("first_time"),
+                "end": data.get("last_time", t),
+            }
+        )
+    alerts = []
+    for event_id, kind, t, value, text in reversed(
+        conn.execute(
+            "SELECT id, kind, time, value, data FROM events WHERE sensor = ? AND kind IN (?, ?)"
+            " AND time >= ? AND time <= ? ORDER BY time DESC, seq DESC LIMIT ?",
+            (sensor, *ALERT_KINDS, since, until, SERIES_ALERTS),
+        ).fetchall()
+    ):
+        data = _loads(text)
+        data = data if isinstance(data, dict) else {}
+        alerts.append(
+            {
+                "id": event_id,
+                "kind": kind,
+                "time": t,
+                "value": value,
+                "alert_id": data.get("alert_id"),
+                "rule": data.get("rule"),
+                "severity": data.get("severity"),
+                "above": data.get("above"),
+                "clear_below": data.get("clear_below"),
+            }
+        )
+    return {
+        "sensor": sensor,
+        "unit": unit,
+        "count": count,
+        "last_value": last_value,
+        "last_time": last_time,
+        "since": since,
+        "until": until,
+        "step": step,
+        "readings": readings,
+        "aggregates": aggregates,
+        "alerts": alerts,
     }
 
 
@@ -405,31 +615,341 @@ class CloudStore:
         return rows
 
     def summary(self, now: float | None = None) -> dict[str, Any]:
-        """The same snapshot as `GET /api/summary`."""
+        """The same snapshot as `GET /api/summary` (without the server's `faults`)."""
         return summarize(self._conn, time.time() if now is None else now)
+
+    def series(
+        self,
+        sensor: str,
+        since: float | None = None,
+        until: float | None = None,
+        points: int = SERIES_POINTS,
+    ) -> dict[str, Any] | None:
+        """The same data as `GET /api/series` (see `sensor_series`)."""
+        return sensor_series(self._conn, sensor, since, until, points)
+
+
+class CloudError(Exception):
+    """The endpoint could not start (its MQTT subscription could not be made)."""
+
+
+_RATES = ("fail_rate", "lose_ack_rate", "throttle_rate", "drop_rate")
+_SECONDS = ("down_for", "retry_after", "latency", "jitter")
+FAULT_SWITCHES = ("down", *_SECONDS, *_RATES)
+
+
+def _check_fault(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number")
+    if name in _RATES and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be within [0, 1]")
+    if name in _SECONDS and value < 0.0:
+        raise ValueError(f"{name} must be >= 0 (seconds)")
 
 
 @dataclass(slots=True)
 class Faults:
-    """The endpoint's fault switches, changed at run time through `POST /control`."""
+    """The endpoint's fault switches, set at start and changed at run time (`POST /control`).
+
+    Rates are fractions of ingest requests, in [0, 1]; the others are seconds. `up_at` is the
+    monotonic time a `down_for` outage ends by itself (None: `down` holds until changed).
+    """
 
     down: bool = False
+    up_at: float | None = None
     fail_rate: float = 0.0
     lose_ack_rate: float = 0.0
+    throttle_rate: float = 0.0
+    retry_after: float = 1.0
+    latency: float = 0.0
+    jitter: float = 0.0
+    drop_rate: float = 0.0
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"down": self.down, "fail_rate": self.fail_rate, "lose_ack_rate": self.lose_ack_rate}
+    def is_down(self, mono: float) -> bool:
+        """Whether ingest answers 503 now; ends a `down_for` outage whose time is up."""
+        if self.down and self.up_at is not None and mono >= self.up_at:
+            self.down, self.up_at = False, None
+        return self.down
+
+    def as_dict(self, mono: float | None = None) -> dict[str, Any]:
+        """The switches as `/control` and the summary report them; `down_for` is the time
+        left of a scheduled outage (null when none is)."""
+        mono = time.monotonic() if mono is None else mono
+        down = self.is_down(mono)
+        return {
+            "down": down,
+            "down_for": max(0.0, self.up_at - mono) if self.up_at is not None else None,
+            "fail_rate": self.fail_rate,
+            "lose_ack_rate": self.lose_ack_rate,
+            "throttle_rate": self.throttle_rate,
+            "retry_after": self.retry_after,
+            "latency": self.latency,
+            "jitter": self.jitter,
+            "drop_rate": self.drop_rate,
+        }
+
+
+@dataclass(slots=True)
+class Injected:
+    """How many ingest requests met each fault."""
+
+    delayed: int = 0
+    down: int = 0
+    fail: int = 0
+    throttle: int = 0
+    drop: int = 0
+    lose_ack: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _error(status: int, reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=status)
 
 
+def _seconds_header(seconds: float) -> str:
+    # RFC 9110 wants whole seconds; a fraction (which the agent accepts) keeps tests fast.
+    return str(int(seconds)) if seconds == int(seconds) else f"{seconds:g}"
+
+
+# --- MQTT ------------------------------------------------------------------------------------
+
+MQTT_KEEPALIVE = 30
+MQTT_RECONNECT_MIN = 0.2
+MQTT_RECONNECT_MAX = 10.0
+MQTT_STORE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSubscription:
+    """Where the cloud subscribes to what the agent publishes over MQTT.
+
+    `url` is `mqtt://[user:password@]host[:port]`. The session is persistent (clean session
+    off) and the client id defaults to one derived from the database path, so messages
+    published while the cloud is stopped wait on the broker for the same database.
+    """
+
+    url: str
+    topics: tuple[str, ...] = ("edge/#",)
+    qos: int = 1
+    client_id: str | None = None
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme != "mqtt" or not parts.hostname:
+            raise ValueError(f"MQTT url must look like mqtt://host:port, not {self.url!r}")
+        try:
+            parts.port  # noqa: B018 (a bad port raises here)
+        except ValueError as e:
+            raise ValueError(f"MQTT url {self.url!r}: {e}") from e
+        if not self.topics or any(not t for t in self.topics):
+            raise ValueError("MQTT topics must not be empty")
+        if self.qos not in (0, 1, 2):
+            raise ValueError("MQTT qos must be 0, 1 or 2")
+
+
+class MqttIngest:
+    """Stores what arrives on an MQTT subscription through the endpoint's one ingest path.
+
+    paho runs on one thread of its own, which alone touches the client: it connects,
+    subscribes, runs the network loop, reconnects (jittered backoff) and disconnects. Each
+    message is handed to the event loop, parsed and stored there like an HTTP body, and the
+    thread waits for the commit before it acknowledges the message (QoS 1, manual ack): a
+    message is PUBACKed only once stored, and one the cloud never stored comes again.
+    Everything the loop reads (`status`) is written on the loop.
+    """
+
+    def __init__(
+        self,
+        sub: MqttSubscription,
+        client_id: str,
+        store: Callable[[IngestBatch], Awaitable[tuple[int, int]]],
+        max_payload: int,
+    ) -> None:
+        self.sub = sub
+        self.client_id = client_id
+        self._store = store
+        self._max_payload = max_payload
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscribed: asyncio.Future[None] | None = None
+        self._connected = False
+        self._counts = {"messages": 0, "accepted": 0, "duplicates": 0, "rejected": 0}
+        self._last_error: str | None = None
+
+    def status(self) -> dict[str, Any]:
+        """The subscription as the summary shows it (call on the event loop)."""
+        parts = urlsplit(self.sub.url)
+        return {
+            "url": f"mqtt://{parts.hostname}:{parts.port or 1883}",
+            "topics": list(self.sub.topics),
+            "connected": self._connected,
+            **self._counts,
+            "last_error": self._last_error,
+        }
+
+    async def start(self, within: float) -> None:
+        """Start the client thread; return once subscribed, or raise `CloudError`."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._subscribed = loop.create_future()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="cloud-mqtt", daemon=True)
+        self._thread.start()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._subscribed), within)
+        except TimeoutError:
+            await self.stop()
+            raise CloudError(
+                f"cannot subscribe at {self.sub.url} within {within:g}s: "
+                f"{self._last_error or 'no answer'}"
+            ) from None
+
+    async def stop(self) -> None:
+        """Disconnect and join the thread; a message being stored is stored first."""
+        self._stopping.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            # Joined off the loop: the thread may be waiting for the loop to store a message.
+            await asyncio.to_thread(thread.join)
+        self._connected = False
+
+    # --- the event loop's side --------------------------------------------------------------
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run `fn(*args)` on the event loop (from the client thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _set_connected(self, connected: bool, error: str | None = None) -> None:
+        self._connected = connected
+        if error is not None:
+            if error != self._last_error:
+                log.warning("cloud mqtt: %s", error)
+            self._last_error = error
+
+    def _set_subscribed(self) -> None:
+        self._connected = True
+        if self._subscribed is not None and not self._subscribed.done():
+            self._subscribed.set_result(None)
+
+    async def _handle(self, payload: bytes, topic: str) -> bool:
+        """Parse and store one message; True when it may be acknowledged."""
+        self._counts["messages"] += 1
+        try:
+            if len(payload) > self._max_payload:
+                raise BatchError(f"payload of {len(payload)} bytes is over {self._max_payload}")
+            batch = parse_message(payload)
+        except BatchError as e:
+            self._counts["rejected"] += 1
+            self._last_error = f"{topic}: {e}"
+            rejected = self._counts["rejected"]
+            if rejected <= 3 or rejected % 100 == 0:
+                log.warning("cloud mqtt: rejected message %d: %s", rejected, self._last_error)
+            # A bad payload never gets better: acknowledged, so the broker does not resend it.
+            return True
+        accepted, duplicates = await self._store(batch)
+        self._counts["accepted"] += accepted
+        self._counts["duplicates"] += duplicates
+        return True
+
+    # --- the client thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        parts = urlsplit(self.sub.url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 1883
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        if parts.username is not None:
+            client.username_pw_set(parts.username, parts.password)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        client.connect_async(host, port, MQTT_KEEPALIVE)
+        delay = MQTT_RECONNECT_MIN
+        try:
+            while not self._stopping.is_set():
+                try:
+                    client.reconnect()
+                except (OSError, mqtt.WebsocketConnectionError) as e:
+                    self._post(self._set_connected, False, f"cannot connect to {host}:{port}: {e}")
+                    self._stopping.wait(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, MQTT_RECONNECT_MAX)
+                    continue
+                while not self._stopping.is_set():
+                    if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                    if client.is_connected():
+                        delay = MQTT_RECONNECT_MIN
+                if not self._stopping.is_set():
+                    self._stopping.wait(delay * random.uniform(0.5, 1.0))
+                    delay = min(delay * 2, MQTT_RECONNECT_MAX)
+        finally:
+            if client.is_connected():
+                # Outside a callback paho writes at once: the PUBACKs still queued, then the
+                # DISCONNECT, and it closes the socket.
+                client.disconnect()
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self._post(self._set_connected, False, f"broker refused the connection: {reason}")
+            return
+        client.subscribe([(t, self.sub.qos) for t in self.sub.topics])
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            self._post(self._set_connected, True, f"subscription refused: {', '.join(refused)}")
+        else:
+            self._post(self._set_subscribed)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        error = None if self._stopping.is_set() else f"disconnected: {reason}"
+        self._post(self._set_connected, False, error)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        future = asyncio.run_coroutine_threadsafe(self._handle(bytes(msg.payload), msg.topic), loop)
+        try:
+            ack = future.result(timeout=MQTT_STORE_TIMEOUT)
+        except Exception as e:  # the store failed or hung: no ack, the broker sends it again
+            future.cancel()
+            self._post(self._set_connected, True, f"cannot store a message: {e!r}")
+            return
+        if ack:
+            client.ack(msg.mid, msg.qos)
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def _page() -> str:
+    return importlib.resources.files("simulator").joinpath("cloud.html").read_text("utf-8")
+
+
 class CloudServer:
     """The ingestion endpoint. `start` binds (port 0 picks a free port), `stop` closes.
 
     All database work runs on one dedicated thread, so a commit's fsync never stalls the
-    event loop and the connection is never shared between threads.
+    event loop and the connection is never shared between threads. HTTP bodies and MQTT
+    messages are stored through the same `ingest`.
     """
 
     def __init__(
@@ -441,25 +961,47 @@ class CloudServer:
         fail_rate: float = 0.0,
         *,
         lose_ack_rate: float = 0.0,
+        throttle_rate: float = 0.0,
+        retry_after: float = 1.0,
+        latency: float = 0.0,
+        jitter: float = 0.0,
+        drop_rate: float = 0.0,
+        down: bool = False,
+        down_for: float | None = None,
+        mqtt: MqttSubscription | None = None,
+        mqtt_timeout: float = 10.0,
         seed: int = 0,
         max_body: int = 32 * 1024 * 1024,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        for name, rate in (("fail_rate", fail_rate), ("lose_ack_rate", lose_ack_rate)):
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1]")
         self.db_path = Path(db_path)
         self.host = host
         self.token = token
-        self.faults = Faults(fail_rate=fail_rate, lose_ack_rate=lose_ack_rate)
+        self.faults = Faults()
+        self.set_faults(
+            down=down or None,
+            down_for=down_for,
+            fail_rate=fail_rate,
+            lose_ack_rate=lose_ack_rate,
+            throttle_rate=throttle_rate,
+            retry_after=retry_after,
+            latency=latency,
+            jitter=jitter,
+            drop_rate=drop_rate,
+        )
+        self.injected = Injected()
         self.max_body = max_body
         self.clock = clock
+        self.mqtt = mqtt
+        self.mqtt_timeout = mqtt_timeout
         self._requested_port = port
         self._port: int | None = None
         self._rng = random.Random(seed)
         self._runner: web.AppRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._mqtt: MqttIngest | None = None
+        self._page: str | None = None
 
     @property
     def port(self) -> int:
@@ -474,14 +1016,17 @@ class CloudServer:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        """Open the database and start listening."""
+        """Open the database, start listening, and subscribe (when an MQTT url is set)."""
         if self._runner is not None:
             return
+        self._page = _page()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-db")
         self._conn = await self._db(lambda: connect(self.db_path, create=True))
         app = web.Application(client_max_size=self.max_body)
+        app.router.add_get("/", self._index)
         app.router.add_post("/ingest", self._ingest)
         app.router.add_get("/api/summary", self._summary)
+        app.router.add_get("/api/series", self._series)
         app.router.add_post("/control", self._control)
         app.router.add_get("/control", self._control)
         runner = web.AppRunner(app, access_log=None)
@@ -489,15 +1034,30 @@ class CloudServer:
         try:
             site = web.TCPSite(runner, self.host, self._requested_port)
             await site.start()
+            self._runner = runner
+            self._port = int(runner.addresses[0][1])
+            if self.mqtt is not None:
+                digest = hashlib.sha1(str(self.db_path.resolve()).encode()).hexdigest()[:12]
+                client_id = self.mqtt.client_id or f"edge-sim-cloud-{digest}"
+                ingest = MqttIngest(
+                    self.mqtt,
+                    client_id,
+                    lambda batch: self.ingest(batch, source="mqtt"),
+                    self.max_body,
+                )
+                await ingest.start(self.mqtt_timeout)
+                self._mqtt = ingest
         except BaseException:
+            self._runner, self._port = None, None
             await runner.cleanup()
             await self._close_db()
             raise
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
 
     async def stop(self) -> None:
-        """Stop listening (in-flight requests finish first) and close the database."""
+        """Unsubscribe, stop listening (in-flight requests finish first), close the database."""
+        if self._mqtt is not None:
+            await self._mqtt.stop()
+            self._mqtt = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -519,19 +1079,47 @@ class CloudServer:
         self,
         *,
         down: bool | None = None,
+        down_for: float | None = None,
         fail_rate: float | None = None,
         lose_ack_rate: float | None = None,
+        throttle_rate: float | None = None,
+        retry_after: float | None = None,
+        latency: float | None = None,
+        jitter: float | None = None,
+        drop_rate: float | None = None,
     ) -> None:
-        """Change the fault switches; None leaves one as it is."""
-        for name, rate in (("fail_rate", fail_rate), ("lose_ack_rate", lose_ack_rate)):
-            if rate is not None and not 0.0 <= rate <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1]")
+        """Change the fault switches; None leaves one as it is. All are checked first.
+
+        `down_for` goes down now and comes back by itself after that many seconds (0: up
+        now); `down` true or false also ends such a schedule.
+        """
+        numbers = {
+            "down_for": down_for,
+            "fail_rate": fail_rate,
+            "lose_ack_rate": lose_ack_rate,
+            "throttle_rate": throttle_rate,
+            "retry_after": retry_after,
+            "latency": latency,
+            "jitter": jitter,
+            "drop_rate": drop_rate,
+        }
+        for name, value in numbers.items():
+            if value is not None:
+                _check_fault(name, value)
+        f = self.faults
         if down is not None:
-            self.faults.down = down
-        if fail_rate is not None:
-            self.faults.fail_rate = fail_rate
-        if lose_ack_rate is not None:
-            self.faults.lose_ack_rate = lose_ack_rate
+            f.down, f.up_at = down, None
+        if down_for is not None:
+            f.down, f.up_at = down_for > 0, time.monotonic() + down_for if down_for > 0 else None
+        for name, value in numbers.items():
+            if value is not None and name != "down_for":
+                setattr(f, name, float(value))
+
+    async def ingest(self, batch: IngestBatch, source: str = "http") -> tuple[int, int]:
+        """Store a validated batch, committed on return; (accepted, duplicates)."""
+        conn = self._require_conn()
+        received_at = self.clock()
+        return await self._db(lambda: store_batch(conn, batch, received_at, source))
 
     async def summary(self) -> dict[str, Any]:
         """The snapshot served at `GET /api/summary`."""
@@ -539,6 +1127,8 @@ class CloudServer:
         now = self.clock()
         result = await self._db(lambda: summarize(conn, now))
         result["faults"] = self.faults.as_dict()
+        result["injected"] = self.injected.as_dict()
+        result["mqtt"] = self._mqtt.status() if self._mqtt is not None else None
         return result
 
     # --- internals ------------------------------------------------------------------------
@@ -568,13 +1158,25 @@ class CloudServer:
     def _draw(self, rate: float) -> bool:
         return rate > 0.0 and self._rng.random() < rate
 
-    async def _ingest(self, request: web.Request) -> web.Response:
+    async def _ingest(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
             return _error(401, "missing or wrong bearer token")
-        if self.faults.down:
+        f = self.faults
+        delay = f.latency + (self._rng.uniform(0.0, f.jitter) if f.jitter > 0 else 0.0)
+        if delay > 0:
+            self.injected.delayed += 1
+            await asyncio.sleep(delay)
+        if f.is_down(time.monotonic()):
+            self.injected.down += 1
             return _error(503, "endpoint is down (fault switch)")
-        if self._draw(self.faults.fail_rate):
+        if self._draw(f.fail_rate):
+            self.injected.fail += 1
             return _error(500, "injected failure (fail_rate)")
+        if self._draw(f.throttle_rate):
+            self.injected.throttle += 1
+            reply = _error(429, "too many requests (throttle_rate)")
+            reply.headers["Retry-After"] = _seconds_header(f.retry_after)
+            return reply
         try:
             # aiohttp undoes Content-Encoding: gzip/deflate itself, and enforces max_body.
             body = await request.read()
@@ -588,15 +1190,47 @@ class CloudServer:
             return _error(400, str(e))
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
             return _error(400, f"body is not JSON: {e}")
-        conn = self._require_conn()
-        received_at = self.clock()
-        accepted, duplicates = await self._db(lambda: store_batch(conn, batch, received_at))
-        if self._draw(self.faults.lose_ack_rate):
+        accepted, duplicates = await self.ingest(batch)
+        if self._draw(f.drop_rate):
+            self.injected.drop += 1
+            if request.transport is not None:
+                request.transport.close()
+            # Nothing is written: aiohttp finds the transport closing and gives up quietly,
+            # and the client sees the connection end without an answer.
+            return web.Response(status=500)
+        if self._draw(f.lose_ack_rate):
+            self.injected.lose_ack += 1
             return _error(500, "injected failure after commit (lose_ack_rate)")
         return web.json_response({"accepted": accepted, "duplicates": duplicates})
 
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=self._page or _page(),
+            content_type="text/html",
+            headers={"Cache-Control": "no-store"},
+        )
+
     async def _summary(self, request: web.Request) -> web.Response:
         return web.json_response(await self.summary())
+
+    async def _series(self, request: web.Request) -> web.Response:
+        q = request.query
+        sensor = q.get("sensor")
+        if not sensor:
+            return _error(400, "missing sensor")
+        try:
+            since = _query_time(q, "since")
+            until = _query_time(q, "until")
+            points = int(q.get("points", SERIES_POINTS))
+        except ValueError as e:
+            return _error(400, str(e))
+        if not 1 <= points <= SERIES_MAX_POINTS:
+            return _error(400, f"points must be within [1, {SERIES_MAX_POINTS}]")
+        conn = self._require_conn()
+        series = await self._db(lambda: sensor_series(conn, sensor, since, until, points))
+        if series is None:
+            return _error(404, f"no sensor {sensor!r}")
+        return web.json_response(series)
 
     async def _control(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -615,18 +1249,32 @@ class CloudServer:
     def _apply_control(self, body: Any) -> None:
         if not isinstance(body, Mapping):
             raise TypeError("body must be a JSON object")
-        unknown = set(body) - {"down", "fail_rate", "lose_ack_rate"}
+        unknown = set(body) - set(FAULT_SWITCHES)
         if unknown:
-            raise ValueError(f"unknown switches: {', '.join(sorted(unknown))}")
+            raise ValueError(
+                f"unknown switches: {', '.join(sorted(unknown))}"
+                f" (known: {', '.join(FAULT_SWITCHES)})"
+            )
         down = body.get("down")
         if down is not None and not isinstance(down, bool):
             raise TypeError("down must be true or false")
-        rates: dict[str, float | None] = {}
-        for key in ("fail_rate", "lose_ack_rate"):
+        numbers: dict[str, float | None] = {}
+        for key in (*_SECONDS, *_RATES):
             v = body.get(key)
             if v is not None and not _is_number(v):
                 raise TypeError(f"{key} must be a number")
-            rates[key] = float(v) if v is not None else None
-        self.set_faults(
-            down=down, fail_rate=rates["fail_rate"], lose_ack_rate=rates["lose_ack_rate"]
-        )
+            numbers[key] = float(v) if v is not None else None
+        self.set_faults(down=down, **numbers)
+
+
+def _query_time(query: Mapping[str, str], name: str) -> float | None:
+    text = query.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number (seconds since the epoch)") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite")
+    return value

@@ -1,4 +1,5 @@
-"""A virtual serial port (a pty pair) and a real-time feed of simulated device lines into it.
+"""A virtual serial port (a pty pair), the output that writes simulated lines into it, and
+`SerialFeed`, a feed of a `LineGenerator` into one.
 
 The agent opens the pty's slave side (`VirtualSerialPort.path`, or the symlink `link`) as if
 it were `/dev/ttyUSB0`; the simulator writes to the master side.
@@ -23,14 +24,19 @@ import contextlib
 import errno
 import fcntl
 import os
+import sys
 import termios
 import time
 import tty
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from simulator.outputs import Feed, FeedStats
 from simulator.signals import Line, LineGenerator
+
+__all__ = ["FeedStats", "PortError", "SerialFeed", "SerialOutput", "VirtualSerialPort"]
 
 
 class PortError(Exception):
@@ -78,6 +84,7 @@ class VirtualSerialPort:
             os.set_blocking(master, False)
             path = os.ttyname(slave)
             if self.link is not None:
+                self.link.parent.mkdir(parents=True, exist_ok=True)
                 _replace_symlink(self.link, path)
         except OSError as e:
             os.close(master)
@@ -111,6 +118,26 @@ class VirtualSerialPort:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    def settings(self) -> list[object]:
+        """The slave's terminal settings (`termios.tcgetattr`)."""
+        if self._slave is None:
+            raise PortError("the port is not open")
+        return list(termios.tcgetattr(self._slave))
+
+    async def opened(self, interval: float = 0.02) -> None:
+        """Return once a reader has opened the port (bound it with asyncio.timeout).
+
+        A pty tells its master nothing about who opens the slave, but a serial reader sets the
+        line up when it opens it (pyserial always does: speed, CLOCAL, CREAD), and that change
+        is visible here. A reader that leaves the settings alone (`cat`) is never noticed.
+        """
+        # Polled: there is no wake-up for "the terminal settings changed" either.
+        initial = self.settings()
+        while True:
+            if self.settings() != initial:
+                return
+            await asyncio.sleep(interval)
 
     def pending(self) -> int:
         """Bytes written but not yet read from the slave side."""
@@ -180,29 +207,69 @@ def _replace_symlink(link: Path, target: str) -> None:
         raise
 
 
-@dataclass(slots=True)
-class FeedStats:
-    """What a feed has sent so far."""
+class SerialOutput:
+    """The `Output` of a virtual serial port: chunks written to the pty's master side.
 
-    lines: int = 0
-    garbled: int = 0
-    nans: int = 0
-    bytes: int = 0
-    resyncs: int = 0  # times the schedule moved forward because the reader held the feed back
+    An outage closes the pty, as an unplugged device vanishes (the link goes too), after
+    waiting up to `outage_drain` s for the reader to take what was written; `interrupt`
+    returns the bytes it never took, which the close destroyed. `resume` creates a new pty and
+    points the same link at it, as a device plugged back in comes back under its stable name.
 
-
-class SerialFeed:
-    """Writes a `LineGenerator`'s lines to a port in real time, `rate` lines per second.
-
-    Line i is due at `i / rate` seconds after start (plus any resync shift) and is stamped
-    with the wall-clock time it was due. When the reader holds the feed back by more than
-    `max_lag` seconds, the schedule moves forward instead of bursting: no line is dropped and
-    device times stay close to the wall clock. Stops after `count` lines or `duration`
-    seconds of schedule, or runs until cancelled. `stats` is live while it runs.
+    With `wait_open`, `ready` returns only once a reader has opened the port (see
+    `VirtualSerialPort.opened`): pyserial flushes a port's input when it opens it, so lines
+    written before the agent opened the port would be lost before anyone could count them.
     """
 
-    #: Lines due at the same moment are written together, up to this many per write.
-    MAX_LINES_PER_WRITE = 256
+    name = "serial"
+
+    def __init__(
+        self, port: VirtualSerialPort, *, outage_drain: float = 0.5, wait_open: bool = False
+    ) -> None:
+        self.port = port
+        self.outage_drain = outage_drain
+        self.wait_open = wait_open
+
+    async def open(self) -> None:
+        self.port.open()
+
+    async def ready(self) -> None:
+        """Return when lines may be sent: at once, or (`wait_open`) once a reader opened it."""
+        if self.wait_open:
+            await self.port.opened()
+
+    async def write(self, lines: Sequence[Line], data: bytes) -> Sequence[Line]:
+        await self.port.write(data)
+        return lines
+
+    async def interrupt(self) -> int:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.outage_drain):
+                await self.port.drain(settle=0.05)
+        lost = self.port.pending()
+        self.port.close()
+        return lost
+
+    async def resume(self) -> None:
+        path = self.port.open()
+        print(f"port back at {path}", file=sys.stderr, flush=True)
+
+    async def finish(self, within: float) -> None:
+        try:
+            async with asyncio.timeout(within):
+                await self.port.drain()
+        except TimeoutError:
+            print(
+                f"reader did not take the last {self.port.pending()} bytes in {within}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    async def close(self) -> None:
+        self.port.close()
+
+
+class SerialFeed(Feed):
+    """A `Feed` into a virtual serial port (kept for callers of the first version)."""
 
     def __init__(
         self,
@@ -212,50 +279,8 @@ class SerialFeed:
         count: int | None = None,
         duration: float | None = None,
         max_lag: float = 1.0,
+        **options: Any,
     ) -> None:
-        if count is not None and count < 0:
-            raise ValueError("count must be >= 0")
-        if duration is not None and duration < 0:
-            raise ValueError("duration must be >= 0")
-        self.port = port
-        self.lines = lines
-        self.count = count
-        self.duration = duration
-        self.max_lag = max_lag
-        self.stats = FeedStats()
-
-    def _done(self, index: int) -> bool:
-        if self.count is not None and index >= self.count:
-            return True
-        return self.duration is not None and self.lines.signal_time(index) >= self.duration
-
-    async def run(self) -> FeedStats:
-        """Feed lines until done (or cancelled); return the stats."""
-        mono0 = time.monotonic()
-        epoch0 = time.time()
-        shift = 0.0
-        index = 0
-        while not self._done(index):
-            due = self.lines.signal_time(index) + shift
-            now = time.monotonic() - mono0
-            if due > now:
-                await asyncio.sleep(due - now)
-                now = time.monotonic() - mono0
-            elif now - due > self.max_lag:
-                shift += now - due
-                self.stats.resyncs += 1
-            chunk: list[Line] = []
-            while (
-                not self._done(index)
-                and len(chunk) < self.MAX_LINES_PER_WRITE
-                and self.lines.signal_time(index) + shift <= now
-            ):
-                chunk.append(self.lines.line(index, epoch0 + self.lines.signal_time(index) + shift))
-                index += 1
-            data = b"".join(line.data for line in chunk)
-            await self.port.write(data)
-            self.stats.lines += len(chunk)
-            self.stats.bytes += len(data)
-            self.stats.garbled += sum(line.fault == "garble" for line in chunk)
-            self.stats.nans += sum(line.fault == "nan" for line in chunk)
-        return self.stats
+        super().__init__(
+            SerialOutput(port), lines, count=count, duration=duration, max_lag=max_lag, **options
+        )

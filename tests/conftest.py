@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -69,38 +72,70 @@ def _mosquitto_binary() -> str:
 
 
 class Broker:
-    """A real mosquitto on a free loopback port, started by the test session."""
+    """A real mosquitto on a free loopback port.
 
-    def __init__(self, workdir: Path) -> None:
-        import subprocess
+    `stop` and `start` keep the port, and with `persistence` the sessions and the messages
+    queued for them too (mosquitto saves them when stopped cleanly). `freeze` (SIGSTOP) leaves
+    every connection open with nobody answering: a hung broker, or a network cut silently.
+    `extra` is more configuration, such as further listeners.
+    """
 
+    def __init__(self, workdir: Path, *, persistence: bool = False, extra: str = "") -> None:
+        self.workdir = workdir
         self.port = free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(
+        self.conf = workdir / "mosquitto.conf"
+        self.stderr = workdir / "mosquitto.stderr"
+        self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
-            "persistence false\n"
-            "max_queued_messages 100000\n"
-            f"log_type {'all' if os.environ.get('MQTT_DEBUG') else 'error'}\n"
+            + (
+                f"persistence true\npersistence_location {workdir}/\n"
+                if persistence
+                else "persistence false\n"
+            )
+            + "max_queued_messages 100000\n"
+            # As root (CI) mosquitto would drop to a user who cannot read the test's files.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + f"log_type {'all' if os.environ.get('MQTT_DEBUG') else 'error'}\n"
+            + extra
         )
-        self.proc = subprocess.Popen(
-            [_mosquitto_binary(), "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=None if os.environ.get("MQTT_DEBUG") else subprocess.PIPE,
-        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start (again, on the same port); returns once it accepts connections."""
+        with self.stderr.open("ab") as err:
+            proc = subprocess.Popen(
+                [_mosquitto_binary(), "-c", str(self.conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=None if os.environ.get("MQTT_DEBUG") else err,
+            )
+        self.proc = proc
 
         def listening() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"mosquitto exited: {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
+            if proc.poll() is not None:
+                raise AssertionError(f"mosquitto exited: {self.stderr.read_text()[-2000:]}")
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
 
         wait_until(listening, 10, "mosquitto to listen")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        """A clean stop (SIGTERM): clients are disconnected, a persistent broker saves."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a frozen broker handles SIGTERM only once thawed
+            proc.terminate()
+            proc.wait(10)
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture(scope="session")
@@ -109,3 +144,74 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     b = Broker(tmp_path_factory.mktemp("mosquitto"))
     yield b
     b.stop()
+
+
+@pytest.fixture
+def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """Brokers of the test's own (to stop, restart or freeze), stopped when the test ends."""
+    started: list[Broker] = []
+
+    def make(*, persistence: bool = False, extra: str = "") -> Broker:
+        workdir = tmp_path / f"mosquitto-{len(started)}"
+        workdir.mkdir()
+        started.append(Broker(workdir, persistence=persistence, extra=extra))
+        return started[-1]
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+@dataclass(frozen=True)
+class TlsBroker:
+    """A mosquitto with TLS listeners that want a client certificate, and the test's PKI.
+
+    `url` presents a certificate for 127.0.0.1 and localhost; `wrong_name_url` one for
+    other.example only. `plain` is the same broker without TLS, for test publishers.
+    """
+
+    plain: Broker
+    url: str
+    wrong_name_url: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    other_ca_file: Path
+
+
+@pytest.fixture(scope="session")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
+    """One TLS mosquitto for the session, certificates made here by trustme."""
+    import trustme
+
+    pki = tmp_path_factory.mktemp("pki")
+    ca, other_ca = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(pki / "ca.pem"))
+    other_ca.cert_pem.write_to_path(str(pki / "other-ca.pem"))
+    for name, cert in (
+        ("server", ca.issue_cert("127.0.0.1", "localhost")),
+        ("wrong-name", ca.issue_cert("other.example")),
+        ("client", ca.issue_cert("edge-agent.example")),
+    ):
+        cert.cert_chain_pems[0].write_to_path(str(pki / f"{name}.pem"))
+        cert.private_key_pem.write_to_path(str(pki / f"{name}.key"))
+    ports = {"server": free_port(), "wrong-name": free_port()}
+    extra = "".join(
+        f"listener {port} 127.0.0.1\n"
+        f"cafile {pki / 'ca.pem'}\n"
+        f"certfile {pki / name}.pem\n"
+        f"keyfile {pki / name}.key\n"
+        "require_certificate true\n"
+        for name, port in ports.items()
+    )
+    plain = Broker(tmp_path_factory.mktemp("mosquitto-tls"), extra=extra)
+    yield TlsBroker(
+        plain=plain,
+        url=f"mqtts://127.0.0.1:{ports['server']}",
+        wrong_name_url=f"mqtts://127.0.0.1:{ports['wrong-name']}",
+        ca_file=pki / "ca.pem",
+        cert_file=pki / "client.pem",
+        key_file=pki / "client.key",
+        other_ca_file=pki / "other-ca.pem",
+    )
+    plain.stop()

@@ -1,8 +1,10 @@
-"""One contract, every driver: open, read, close; close while blocked; close twice.
+"""One contract, every driver: open, read, bad input, the source going away, close while
+blocked, close twice.
 
 Each implementation is built by `build_driver` from its config, on real parts (a pty pair
-stands in for the serial device), and set up so that after its first batch it has nothing more
-to say for a long while: the serial device stays silent, the simulator ticks every 100 s.
+stands in for the serial device, a mosquitto of the test's own is the MQTT broker), and set up
+so that after what `produce` made it send it has nothing more to say for a long while: the
+serial device and the broker stay silent, the simulator ticks every 100 s.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from agent.config import SerialInputConfig, SimulatedInputConfig
+from agent.config import MqttInputConfig, SerialInputConfig, SimulatedInputConfig
 from agent.events import Reading, Rejected
 from drivers import Driver, build_driver
-from drivers.base import Batch
+from drivers.base import Batch, DriverError
+from drivers.mqtt import MqttDriver
 from drivers.serial import SerialDriver
 from drivers.simulated import SimulatedDriver
+from tests.conftest import Broker
+from tests.test_driver_mqtt import publish
 from tests.test_driver_serial import PtyDevice
 
 TIMEOUT = 5.0
@@ -27,33 +32,54 @@ TIMEOUT = 5.0
 @dataclass
 class Harness:
     driver: Driver
-    produce: Callable[[], None]  # make the source send at least one item
+    produce: Callable[[], None]  # make the source send at least one item (one bad if it can)
+    bad_input: bool = True  # `produce` sends a good item and a bad one
+    vanish: Callable[[], None] | None = None  # the source goes away (unplugged, broker down)
 
 
-def _serial() -> Iterator[Harness]:
+def _serial(request: pytest.FixtureRequest) -> Iterator[Harness]:
     device = PtyDevice()
     cfg = SerialInputConfig(type="serial", name="contract", port=device.path)
     driver = build_driver(cfg)
     assert isinstance(driver, SerialDriver)
     try:
-        yield Harness(driver, lambda: device.write(b'{"sensor": "t", "value": 1}\nbad\n'))
+        yield Harness(
+            driver,
+            lambda: device.write(b'{"sensor": "t", "value": 1}\nbad\n'),
+            vanish=device.unplug,
+        )
     finally:
         device.close()
 
 
-def _simulated() -> Iterator[Harness]:
+def _simulated(request: pytest.FixtureRequest) -> Iterator[Harness]:
     cfg = SimulatedInputConfig.model_validate(
         {"type": "simulated", "name": "contract", "rate": 0.01, "sensors": [{"name": "t"}]}
     )
     driver = build_driver(cfg)
     assert isinstance(driver, SimulatedDriver)
-    yield Harness(driver, lambda: None)
+    yield Harness(driver, lambda: None, bad_input=False)
 
 
-@pytest.fixture(params=[_serial, _simulated], ids=["serial", "simulated"])
+def _mqtt(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    broker: Broker = request.getfixturevalue("make_broker")()
+    cfg = MqttInputConfig.model_validate(
+        {"type": "mqtt", "name": "contract", "url": broker.url, "topics": ["c/#"],
+         "topic_template": "c/{sensor}"}
+    )  # fmt: skip
+    driver = build_driver(cfg)
+    assert isinstance(driver, MqttDriver)
+    yield Harness(
+        driver,
+        lambda: publish(broker, [("c/t", b'{"value": 1}'), ("c/t", b"{bad")]),
+        vanish=broker.stop,
+    )
+
+
+@pytest.fixture(params=[_serial, _simulated, _mqtt], ids=["serial", "simulated", "mqtt"])
 async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    make: Callable[[], Iterator[Harness]] = request.param
-    for h in make():
+    make: Callable[[pytest.FixtureRequest], Iterator[Harness]] = request.param
+    for h in make(request):
         yield h
         await h.driver.close()
 
@@ -79,6 +105,35 @@ async def test_open_read_close(harness: Harness) -> None:
     await driver.close()
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(next_batch(driver), TIMEOUT)
+
+
+async def test_bad_input_is_rejected_not_raised(harness: Harness) -> None:
+    if not harness.bad_input:
+        pytest.skip("this source sends no bad input")
+    driver = harness.driver
+    await driver.open()
+    harness.produce()
+    items: list[Reading | Rejected] = []
+    while len(items) < 2:
+        items.extend((await asyncio.wait_for(next_batch(driver), TIMEOUT)).items)
+    assert [type(i) for i in items] == [Reading, Rejected]
+    rejected = items[1]
+    assert isinstance(rejected, Rejected) and rejected.reason and rejected.raw
+    await driver.close()
+
+
+async def test_source_going_away_is_a_driver_error(harness: Harness) -> None:
+    if harness.vanish is None:
+        pytest.skip("this source cannot go away")
+    driver = harness.driver
+    await driver.open()
+    waiting = asyncio.ensure_future(next_batch(driver))
+    await asyncio.sleep(0)  # let it block
+    harness.vanish()
+    with pytest.raises(DriverError):
+        await asyncio.wait_for(waiting, TIMEOUT)
+    await driver.close()
+    await driver.close()
 
 
 async def test_close_while_blocked_ends_iteration(harness: Harness) -> None:

@@ -1,9 +1,20 @@
-"""The MQTT input against a real mosquitto: decoding, and acknowledgement only after commit."""
+"""The MQTT input against real mosquittos: decoding, acknowledgement only after the commit,
+persistent sessions (MQTT 3.1.1 and 5), brokers that stop or hang, TLS, and credentials.
+
+Certificates are made by the test (trustme, in conftest's `tls_broker`); a hung broker is a
+SIGSTOPped one: its connections stay open and nothing answers."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
+import os
+import re
+import time
+from base64 import b64encode
+from collections.abc import Callable
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -13,20 +24,22 @@ from agent.config import MqttInputConfig
 from agent.events import Reading, Rejected
 from drivers.base import Batch, DriverError
 from drivers.mqtt import MqttDriver, topic_pattern
-from tests.conftest import Broker, free_port
+from tests.conftest import Broker, TlsBroker, eventually, free_port
 
 _ids = itertools.count()
 
 
-def publish(broker: Broker, messages: list[tuple[str, bytes]], qos: int = 1) -> None:
+def publish(
+    broker: Broker, messages: list[tuple[str, bytes]], qos: int = 1, retain: bool = False
+) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{next(_ids)}")
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
-    infos = [client.publish(topic, payload, qos=qos) for topic, payload in messages]
+    infos = [client.publish(topic, payload, qos=qos, retain=retain) for topic, payload in messages]
     for info in infos:
         info.wait_for_publish(10)
+    client.disconnect()  # wakes the network thread at once, which loop_stop then joins
     client.loop_stop()
-    client.disconnect()
 
 
 def config(broker: Broker, **kw: object) -> MqttInputConfig:
@@ -52,6 +65,38 @@ async def collect(driver: MqttDriver, n: int, ack: bool = True) -> list[Reading 
             if len(items) >= n:
                 break
     return items
+
+
+def test_config_reads_protocol_and_rejects_what_cannot_work() -> None:
+    from agent.config import ConfigError, parse_config
+
+    def one(line: str) -> MqttInputConfig:
+        cfg = parse_config(f"inputs:\n  - {{type: mqtt, name: m, {line}}}\n")
+        assert isinstance(cfg.inputs[0], MqttInputConfig)
+        return cfg.inputs[0]
+
+    assert one("protocol: 5").protocol == "5"
+    assert one("protocol: 3.1.1").protocol == "3.1.1"
+    # The topic names the sensor, so lines need not (and the decoder check knows it).
+    assert one("format: regex, regex: '(?P<value>[0-9]+)'").format == "regex"
+    assert one("format: csv, csv_columns: [value, unit]").format == "csv"
+    for line, message in [
+        ("protocol: 4", "protocol"),
+        ("url: 'http://x'", "url must be mqtt://"),
+        ("ca_file: /ca.pem", "ca_file is a TLS option"),
+        ("url: 'mqtts://h', key_file: /k.pem", "key_file needs cert_file"),
+        ("format: number, topic_template: 'a/{device}'", "topic_template needs {sensor}"),
+        ("topic_template: 'a/{x}/{x}'", "names a {field} twice"),
+        ("keepalive: 500ms", "keepalive must be between 1s"),
+        ("topics: []", "topics cannot be empty"),
+        ("format: number, mapping: {value: v}", "mapping is for line formats, not format: number"),
+        ("format: kv, json_query: data", "json_query is for format: json, not kv"),
+        ("json_sensor_key: id", "json_sensor_key"),  # gone: mapping.sensor
+        ("format: regex, regex: '(?P<value>[0-9]+)', topic_template: 'a/{x}'", "no 'sensor'"),
+        ("format: csv, csv_columns: [value, unit], topic_template: 'a/{x}'", "no 'sensor'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            one(line)
 
 
 def test_topic_template() -> None:
@@ -113,6 +158,7 @@ async def test_unacknowledged_messages_are_redelivered(broker: Broker) -> None:
     finally:
         await again.close()
     assert sorted(r.value for r in redelivered if isinstance(r, Reading)) == [0, 1, 2, 3, 4]
+    assert again.counters["redelivered"] == 5, "DUP flags counted"
     # Acknowledged now: a third session gets nothing more.
     third = MqttDriver(cfg)
     await third.open()
@@ -152,3 +198,394 @@ async def test_ack_is_a_callback_not_a_side_effect_of_reading(broker: Broker) ->
         assert batch.ack is not None
     finally:
         await driver.close()
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+async def test_json_mapping_with_a_query_dotted_paths_and_arrays(broker: Broker) -> None:
+    mapping = {"sensor": "id", "value": "m.v", "unit": "u", "time": "at"}
+    driver = MqttDriver(config(broker, json_query="data.readings", mapping=mapping))
+    await driver.open()
+    try:
+        publish(broker, [
+            ("t/pi/x", b'{"data": {"readings": [{"id": "a", "m": {"v": 1.5}, "u": "C", "at": 1764170000},'
+                       b' {"m": {"v": 2}}]}}'),
+            ("t/pi/y", b'{"data": {"readings": {"m": {"v": 3}}}}'),
+            ("t/pi/z", b'{"data": {}}'),
+            ("t/pi/z", b'{"data": {"readings": [{"m": {"v": 4}}, {"m": {}}]}}'),
+        ])  # fmt: skip
+        items = await collect(driver, 5)
+    finally:
+        await driver.close()
+    readings = [(r.sensor, r.value, r.unit, r.event_time) for r in items if isinstance(r, Reading)]
+    assert readings[0] == ("a", 1.5, "C", 1764170000.0)
+    assert [r[:3] for r in readings[1:]] == [("pi.x", 2.0, None), ("pi.y", 3.0, None)]
+    rejected = [(r.reason, r.detail) for r in items if isinstance(r, Rejected)]
+    # A list is all or nothing, like a serial line: one bad item rejects the whole payload.
+    assert rejected == [
+        ("missing_field", "no 'data.readings'"),
+        ("missing_field", "item 1: no 'm.v'"),
+    ]
+
+
+async def test_json_dotted_sensor_path_falls_back_to_the_topic(broker: Broker) -> None:
+    driver = MqttDriver(
+        config(broker, json_query="items.0", mapping={"sensor": "meta.id", "time": "meta.at"})
+    )
+    await driver.open()
+    try:
+        publish(broker, [
+            ("t/pi/x", b'{"items": [{"meta": {"id": "a", "at": "2025-11-26T12:00:00Z"}, "value": 1}]}'),
+            ("t/pi/y", b'{"items": [{"meta": {"at": 1764170000}, "value": 2}, {"value": 9}]}'),
+            ("t/pi/z", b'{"items": [5]}'),
+            ("t/pi/n", b'{"items": [{"meta": {"id": null}, "value": 3}]}'),
+        ])  # fmt: skip
+        items = await collect(driver, 4)
+    finally:
+        await driver.close()
+    readings = [(r.sensor, r.value, r.event_time) for r in items if isinstance(r, Reading)]
+    assert readings[:2] == [("a", 1.0, 1764158400.0), ("pi.y", 2.0, 1764170000.0)]
+    assert readings[2][:2] == ("pi.z", 5.0)  # a bare number: all but the value from the topic
+    # A null sensor is a field the reading has, and a bad one: not replaced by the topic's.
+    assert [r.reason for r in items if isinstance(r, Rejected)] == ["bad_sensor"]
+
+
+async def test_json_arrays_and_bare_numbers_take_names_from_the_topic(broker: Broker) -> None:
+    driver = MqttDriver(config(broker))
+    await driver.open()
+    try:
+        publish(broker, [
+            ("t/pi/temp", b"21.5"),
+            ("t/pi/hum", b'[{"value": 40, "ts": "2025-11-26T12:00:00Z"}, {"sensor": "dew", "value": 9}]'),
+            ("t/pi/temp", b"true"),
+        ])  # fmt: skip
+        items = await collect(driver, 4)
+    finally:
+        await driver.close()
+    assert [(r.sensor, r.value) for r in items if isinstance(r, Reading)] == [
+        ("pi.temp", 21.5),
+        ("pi.hum", 40.0),
+        ("dew", 9.0),
+    ]
+    assert [r.reason for r in items if isinstance(r, Rejected)] == ["not_an_object"]
+
+
+async def test_csv_payloads_of_several_lines(broker: Broker) -> None:
+    driver = MqttDriver(config(broker, format="csv"))
+    await driver.open()
+    try:
+        publish(broker, [("t/x", b"a,1.5,C,\nb,2,,1764170000\n"), ("t/x", b"c,3,,\nd,x,,\n")])
+        items = await collect(driver, 3)
+    finally:
+        await driver.close()
+    assert [(r.sensor, r.value) for r in items if isinstance(r, Reading)] == [
+        ("a", 1.5),
+        ("b", 2.0),
+    ]
+    bad = [r for r in items if isinstance(r, Rejected)]
+    assert [(r.reason, r.detail.split(":")[0]) for r in bad] == [("not_a_number", "line 2")]
+
+
+async def test_csv_columns_without_a_sensor_take_the_topics(broker: Broker) -> None:
+    driver = MqttDriver(config(broker, format="csv", csv_columns=["value", "unit"]))
+    await driver.open()
+    try:
+        publish(broker, [("t/pi/temp", b"21.5,C\n22,C"), ("t/nope", b"1,C")])
+        items = await collect(driver, 3)
+    finally:
+        await driver.close()
+    assert [(r.sensor, r.value) for r in items if isinstance(r, Reading)] == [
+        ("pi.temp", 21.5),
+        ("pi.temp", 22.0),
+    ]
+    assert [r.reason for r in items if isinstance(r, Rejected)] == ["bad_topic"]
+
+
+async def test_kv_payloads_long_and_wide(broker: Broker) -> None:
+    long = MqttDriver(config(broker, format="kv", wide=False, mapping={"time": "at"}))
+    await long.open()
+    try:
+        publish(broker, [
+            ("t/pi/x", b"sensor=a value=1.5 unit=C\nvalue: 2, at: 1764170000\r\n"),
+            ("t/pi/x", b"sensor=b value=3\nsensor=c"),
+            ("t/pi/x", b"value=4 value=5"),
+        ])  # fmt: skip
+        items = await collect(long, 4)
+    finally:
+        await long.close()
+    readings = [(r.sensor, r.value, r.unit, r.event_time) for r in items if isinstance(r, Reading)]
+    assert readings[0] == ("a", 1.5, "C", readings[0][3])
+    assert readings[1] == ("pi.x", 2.0, None, 1764170000.0)
+    rejected = [(r.reason, r.detail) for r in items if isinstance(r, Rejected)]
+    assert rejected == [
+        ("missing_field", "line 2: no 'value'"),  # its sensor is there: the topic's is not used
+        ("bad_pair", "key 'value' appears twice"),
+    ]
+    wide = MqttDriver(config(broker, format="kv", ignore=["rssi"]))
+    await wide.open()
+    try:
+        publish(broker, [("t/pi/x", b"t1=21.5,t2= ;rssi=-70 unit=C ts=1764170000")])
+        items = await collect(wide, 1)
+    finally:
+        await wide.close()
+    assert [(r.sensor, r.value, r.unit, r.event_time) for r in items] == [
+        ("t1", 21.5, "C", 1764170000.0)
+    ]
+
+
+async def test_regex_payloads_with_an_optional_sensor_group(broker: Broker) -> None:
+    pattern = r"^(?:(?P<sensor>[a-z]\w*) )?(?P<value>-?[0-9.]+) ?(?P<unit>[^\s0-9.]+)?$"
+    driver = MqttDriver(config(broker, format="regex", regex=pattern))
+    await driver.open()
+    try:
+        publish(broker, [
+            ("t/pi/x", b"a 21.5 C\n-3 %\n\n7"),
+            ("t/pi/x", b"status ok"),
+            ("t/nope", b"8"),
+        ])  # fmt: skip
+        items = await collect(driver, 5)
+    finally:
+        await driver.close()
+    assert [(r.sensor, r.value, r.unit) for r in items if isinstance(r, Reading)] == [
+        ("a", 21.5, "C"),
+        ("pi.x", -3.0, "%"),
+        ("pi.x", 7.0, None),
+    ]
+    # Off the template, a line without the sensor field has no name to take.
+    assert [(r.reason, r.detail) for r in items if isinstance(r, Rejected)] == [
+        ("no_match", "the line does not match the regex: 'status ok'"),
+        ("missing_field", "no 'sensor'"),
+    ]
+
+
+async def test_empty_payloads_are_acknowledged_and_hold_no_reading(broker: Broker) -> None:
+    """An empty payload is how a retained value is deleted: not a reading, not bad input."""
+    cfg = config(broker)
+    driver = MqttDriver(cfg)
+    await driver.open()
+    try:
+        publish(broker, [("t/pi/a", b""), ("t/pi/a", b'{"value": 1}')])
+        items = await collect(driver, 1)
+    finally:
+        await driver.close()
+    assert [(i.sensor, i.value) for i in items if isinstance(i, Reading)] == [("pi.a", 1.0)]
+    again = MqttDriver(cfg)
+    await again.open()
+    try:
+        publish(broker, [("t/pi/end", b'{"value": 2}')])
+        rest = await collect(again, 1)
+    finally:
+        await again.close()
+    assert [i.value for i in rest if isinstance(i, Reading)] == [2.0], "the empty one was acked"
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+async def test_mqtt5_session_persists_and_unacknowledged_messages_come_back(
+    broker: Broker,
+) -> None:
+    cfg = config(broker, protocol=5, session_expiry="1h")
+    driver = MqttDriver(cfg)
+    await driver.open()
+    publish(broker, [(f"t/pi/s{i}", b'{"value": %d}' % i) for i in range(5)])
+    assert len(await collect(driver, 5, ack=False)) == 5
+    await driver.close()
+    again = MqttDriver(cfg)
+    await again.open()
+    try:
+        redelivered = await collect(again, 5)
+        assert sorted(r.value for r in redelivered if isinstance(r, Reading)) == [0, 1, 2, 3, 4]
+        assert again.counters["redelivered"] == 5
+        assert again.counters["sessions_new"] == 0
+        publish(broker, [("t/pi/end", b'{"value": 99}')])
+        assert [r.value for r in await collect(again, 1) if isinstance(r, Reading)] == [99.0]
+    finally:
+        await again.close()
+
+
+async def test_close_sends_the_acks_of_batches_whose_commit_is_in_flight(broker: Broker) -> None:
+    """SIGTERM closes the inputs while the last batch is being committed: its PUBACKs still go."""
+    cfg = config(broker)
+    driver = MqttDriver(cfg)
+    await driver.open()
+    publish(broker, [("t/pi/a", b'{"value": 1}')])
+    batch = await asyncio.wait_for(anext(aiter(driver)), 10)
+    assert batch.ack is not None
+    asyncio.get_running_loop().call_later(0.05, batch.ack)  # the commit lands during close
+    await driver.close()
+    again = MqttDriver(cfg)
+    await again.open()
+    try:
+        publish(broker, [("t/pi/end", b'{"value": 2}')])
+        rest = await collect(again, 1)
+    finally:
+        await again.close()
+    assert [r.value for r in rest if isinstance(r, Reading)] == [2.0]
+    assert again.counters["redelivered"] == 0
+
+
+async def test_retained_values_are_not_logged_again_on_a_resumed_session(broker: Broker) -> None:
+    cfg = config(broker, topics=["ret/#"], topic_template="ret/{sensor}", format="number")
+    first = MqttDriver(cfg)
+    await first.open()
+    try:
+        publish(broker, [("ret/level", b"7")], retain=True)
+        live = await collect(first, 1)
+    finally:
+        await first.close()
+    assert [(r.sensor, r.value) for r in live if isinstance(r, Reading)] == [("level", 7.0)]
+    resumed = MqttDriver(cfg)
+    await resumed.open()  # resubscribes; the broker sends the retained 7 again: skipped
+    try:
+        await eventually(lambda: resumed.counters["retained_skipped"] == 1, what="the skip")
+        publish(broker, [("ret/level", b"8")])
+        assert [r.value for r in await collect(resumed, 1) if isinstance(r, Reading)] == [8.0]
+    finally:
+        await resumed.close()
+    fresh = MqttDriver(
+        config(broker, topics=["ret/#"], topic_template="ret/{sensor}", format="number")
+    )
+    await fresh.open()  # a new session: the retained value is the current state, kept
+    try:
+        assert [r.value for r in await collect(fresh, 1) if isinstance(r, Reading)] == [7.0]
+    finally:
+        await fresh.close()
+        publish(broker, [("ret/level", b"")], retain=True)
+
+
+async def test_qos0_flood_pauses_reading_at_max_inflight(broker: Broker) -> None:
+    """Bounded memory with no window from the broker: the driver stops reading, TCP holds."""
+    driver = MqttDriver(config(broker, qos=0, max_inflight=10))
+    await driver.open()
+    try:
+        publish(broker, [("t/pi/s", b'{"value": %d}' % i) for i in range(100)], qos=0)
+        await eventually(lambda: driver._queue.qsize() >= 10, what="the queue to fill")
+        first = await asyncio.wait_for(anext(aiter(driver)), 10)
+        assert len(first.items) == 10 and first.ack is None
+        rest = await collect(driver, 90)
+    finally:
+        await driver.close()
+    values = [r.value for r in first.items + rest if isinstance(r, Reading)]
+    assert values == [float(i) for i in range(100)]
+
+
+# --------------------------------------------------------------------------- failures
+
+
+async def test_a_silent_broker_is_detected_by_keepalive(make_broker: Callable[..., Broker]) -> None:
+    """SIGSTOP: TCP stays up, nothing answers; no PINGRESP within the keepalive ends it."""
+    b = make_broker()
+    driver = MqttDriver(config(b, keepalive="1s"))
+    await driver.open()
+    b.freeze()
+    try:
+        started = time.monotonic()
+        with pytest.raises(DriverError, match="connection to the broker lost: Keep alive timeout"):
+            await asyncio.wait_for(anext(aiter(driver)), 5)
+        assert time.monotonic() - started < 4
+    finally:
+        b.thaw()
+        await driver.close()
+    await driver.open()  # the same driver reconnects once the broker answers again
+    try:
+        publish(b, [("t/pi/a", b'{"value": 1}')])
+        assert len(await collect(driver, 1)) == 1
+    finally:
+        await driver.close()
+
+
+async def test_a_frozen_broker_fails_open_within_connect_timeout(
+    make_broker: Callable[..., Broker],
+) -> None:
+    b = make_broker()
+    b.freeze()
+    started = time.monotonic()
+    with pytest.raises(DriverError, match="did not complete the MQTT handshake"):
+        await MqttDriver(config(b, connect_timeout="500ms")).open()
+    assert time.monotonic() - started < 3
+
+
+async def test_broker_stop_is_a_driver_error(make_broker: Callable[..., Broker]) -> None:
+    b = make_broker()
+    driver = MqttDriver(config(b))
+    await driver.open()
+    b.stop()
+    with pytest.raises(DriverError, match="connection to the broker lost"):
+        await asyncio.wait_for(anext(aiter(driver)), 5)
+    await driver.close()
+    with pytest.raises(DriverError, match="connection refused"):
+        await driver.open()
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def tls_config(tls: TlsBroker, **kw: object) -> MqttInputConfig:
+    base: dict[str, object] = {
+        "url": tls.url,
+        "ca_file": str(tls.ca_file),
+        "cert_file": str(tls.cert_file),
+        "key_file": str(tls.key_file),
+        "connect_timeout": "5s",
+    }
+    base.update(kw)
+    return config(tls.plain, **{k: v for k, v in base.items() if v is not None})
+
+
+async def test_tls_with_ca_and_client_certificate(tls_broker: TlsBroker) -> None:
+    driver = MqttDriver(tls_config(tls_broker))
+    await driver.open()
+    try:
+        publish(tls_broker.plain, [("t/pi/s", b'{"value": %d}' % i) for i in range(200)])
+        items = await collect(driver, 200)
+    finally:
+        await driver.close()
+    assert [r.value for r in items if isinstance(r, Reading)] == [float(i) for i in range(200)]
+
+
+async def test_tls_wrong_ca_is_a_clear_driver_error(tls_broker: TlsBroker) -> None:
+    driver = MqttDriver(tls_config(tls_broker, ca_file=str(tls_broker.other_ca_file)))
+    with pytest.raises(DriverError, match=r"certificate not accepted.*is ca_file the CA"):
+        await driver.open()
+
+
+async def test_tls_without_client_certificate_is_refused(tls_broker: TlsBroker) -> None:
+    driver = MqttDriver(tls_config(tls_broker, cert_file=None, key_file=None))
+    with pytest.raises(DriverError, match="client certificate"):
+        await driver.open()
+
+
+async def test_tls_wrong_host_name_is_a_driver_error(tls_broker: TlsBroker) -> None:
+    driver = MqttDriver(tls_config(tls_broker, url=tls_broker.wrong_name_url))
+    with pytest.raises(DriverError, match="does not name the host"):
+        await driver.open()
+
+
+async def test_tls_unreadable_files_are_driver_errors(
+    tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    with pytest.raises(DriverError, match=r"ca_file .*missing\.pem: No such file"):
+        await MqttDriver(tls_config(tls_broker, ca_file=str(tmp_path / "missing.pem"))).open()
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(DriverError, match=r"cert_file .*junk\.pem"):
+        await MqttDriver(tls_config(tls_broker, cert_file=str(tmp_path / "junk.pem"))).open()
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+async def test_username_and_password(make_broker: Callable[..., Broker], tmp_path: Path) -> None:
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", b"s3cret", salt, 101)  # mosquitto_passwd's $7$
+    passwords = tmp_path / "passwords"
+    passwords.write_text(f"edge:$7$101${b64encode(salt).decode()}${b64encode(digest).decode()}\n")
+    b = make_broker(extra=f"password_file {passwords}\n")
+    for protocol in ("3.1.1", "5"):
+        good = MqttDriver(config(b, username="edge", password="s3cret", protocol=protocol))
+        await good.open()
+        await good.close()
+        wrong = config(b, username="edge", password="guess", protocol=protocol)
+        with pytest.raises(DriverError, match="the broker refused the connection: Not authorized"):
+            await MqttDriver(wrong).open()

@@ -1,4 +1,7 @@
-"""The serial driver on a real pty pair: the master end plays the device."""
+"""The serial driver on a real pty pair: the master end plays the device.
+
+Waiting is on conditions with deadlines (`take`, `wait_for`), never on sleeps.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,11 @@ import asyncio
 import contextlib
 import errno
 import os
+import termios
 import time
 import tty
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,22 +153,120 @@ async def test_oversized_line_is_one_rejection_and_the_next_line_decodes(
     driver: SerialDriver, pty_device: PtyDevice
 ) -> None:
     long_line = b'{"sensor": "t", "value": 1, "pad": "' + b"x" * 1000 + b'"}\n'
-    pty_device.write(long_line + b'{"sensor": "t", "value": 2}\n')
-    oversized, reading = await take(driver, 2)
+    pty_device.write(
+        b'{"sensor": "t", "value": 0}\n' + long_line + b'{"sensor": "t", "value": 2}\n'
+    )
+    first, oversized, reading = await take(driver, 3)
+    assert isinstance(first, Reading) and first.value == 0.0
     assert isinstance(oversized, Rejected)
     assert (oversized.reason, oversized.raw) == ("oversized", long_line[:128])
     assert isinstance(reading, Reading)
     assert reading.value == 2.0
 
 
-async def test_csv_format(pty_device: PtyDevice) -> None:
+async def test_csv_format_drops_the_first_line_after_open(pty_device: PtyDevice) -> None:
+    """The port is joined mid-line: the tail of "t22,2.5,C," must not become sensor "2"."""
     cfg = serial_config(pty_device.path, format="csv", terminator="\r\n")
     async with SerialDriver(cfg) as drv:
-        pty_device.write(b"t1,1.5,C,\r\nt2,2.5,,1764170000\r\nt3,x,,\r\n")
+        pty_device.write(b"2,2.5,C,\r\nt1,1.5,C,\r\nt2,2.5,,1764170000\r\nt3,x,,\r\n")
         a, b, c = await take(drv, 3)
+        assert drv.resync_bytes == len(b"2,2.5,C,")
     assert isinstance(a, Reading) and (a.sensor, a.value, a.unit) == ("t1", 1.5, "C")
     assert isinstance(b, Reading) and (b.unit, b.event_time) == (None, 1764170000.0)
     assert isinstance(c, Rejected) and (c.reason, c.raw) == ("not_a_number", b"t3,x,,")
+
+
+async def test_kv_wide_lines(pty_device: PtyDevice) -> None:
+    cfg = serial_config(pty_device.path, format="kv", sensor_prefix="b.", ignore=["id"])
+    async with SerialDriver(cfg) as drv:
+        pty_device.write(b"mp=21.5 hum=40\n")  # the tail of a line: dropped, counted
+        pty_device.write(b"id=7 temp=21.5 hum=40 ts=1764170000\nt1:1,t2:\nboot ok\n")
+        items = await take(drv, 4)
+        assert drv.resync_bytes == len(b"mp=21.5 hum=40")
+    readings = [(i.sensor, i.value, i.event_time) for i in items if isinstance(i, Reading)]
+    assert readings[:2] == [("b.temp", 21.5, 1764170000.0), ("b.hum", 40.0, 1764170000.0)]
+    assert readings[2][:2] == ("b.t1", 1.0)
+    assert isinstance(items[3], Rejected) and items[3].reason == "bad_pair"
+
+
+async def test_regex_with_a_fixed_sensor(pty_device: PtyDevice) -> None:
+    cfg = serial_config(
+        pty_device.path,
+        format="regex",
+        regex=r"^T=(?P<value>[-\d.]+) ?(?P<unit>\w*)$",
+        sensor="temp",
+    )
+    async with SerialDriver(cfg) as drv:
+        pty_device.write(b"\nT=21.5 C\nHELLO\n")
+        reading, rejected = await take(drv, 2)
+    assert isinstance(reading, Reading) and (reading.sensor, reading.value, reading.unit) == (
+        "temp",
+        21.5,
+        "C",
+    )
+    assert isinstance(rejected, Rejected) and (rejected.reason, rejected.raw) == (
+        "no_match",
+        b"HELLO",
+    )
+
+
+async def test_csv_header_comes_after_the_tail_and_is_kept_across_reopens(
+    pty_device: PtyDevice,
+) -> None:
+    cfg = serial_config(pty_device.path, format="csv", csv_header=True, wide=True)
+    drv = SerialDriver(cfg)
+    await drv.open()
+    # Joined mid-record; then the device resets and prints its header, then records.
+    pty_device.write(b"0,21.4,40\nts,temp,hum\n1764170000,21.5,41\n")
+    items = await take(drv, 2)
+    assert [(i.sensor, i.value) for i in items if isinstance(i, Reading)] == [
+        ("temp", 21.5),
+        ("hum", 41.0),
+    ]
+    await drv.close()
+    await drv.open()  # this device does not reset on open: no new header
+    pty_device.write(b"4170001,22,42\n1764170002,22.5,43\n")
+    items = await take(drv, 2)
+    assert [(i.sensor, i.value, i.event_time) for i in items if isinstance(i, Reading)] == [
+        ("temp", 22.5, 1764170002.0),
+        ("hum", 43.0, 1764170002.0),
+    ]
+    assert drv.resync_bytes == len(b"0,21.4,40") + len(b"4170001,22,42")
+    await drv.close()
+
+
+async def test_line_settings_reach_the_port(pty_device: PtyDevice) -> None:
+    cfg = serial_config(
+        pty_device.path,
+        baudrate=9600,
+        bytesize=7,
+        parity="even",
+        stopbits=2,
+        flow_control="rtscts",
+    )
+    async with SerialDriver(cfg) as drv:
+        cflag, speed = (lambda a: (a[2], a[4]))(termios.tcgetattr(pty_device.slave))
+        assert speed == termios.B9600
+        assert cflag & termios.CSTOPB and cflag & termios.CRTSCTS
+        # A pty forces 8 bits and no parity into its termios; pyserial was asked for them.
+        assert drv._port is not None
+        assert (drv._port.bytesize, drv._port.parity) == (7, "E")
+    cfg = serial_config(pty_device.path, flow_control="xonxoff", stopbits=1)
+    async with SerialDriver(cfg):
+        iflag, cflag = (lambda a: (a[0], a[2]))(termios.tcgetattr(pty_device.slave))
+        assert iflag & termios.IXON and iflag & termios.IXOFF
+        assert not cflag & termios.CSTOPB and not cflag & termios.CRTSCTS
+
+
+async def test_idle_port_raises_after_idle_timeout(pty_device: PtyDevice) -> None:
+    cfg = serial_config(pty_device.path, idle_timeout="200ms")
+    async with SerialDriver(cfg) as drv:
+        pty_device.write(b'{"sensor": "t", "value": 1}\n')
+        await take(drv, 1)
+        started = time.monotonic()
+        with pytest.raises(DriverError, match=r"no data for 0\.2s"):
+            await asyncio.wait_for(take(drv, 1), TIMEOUT)
+        assert time.monotonic() - started >= 0.2
 
 
 async def test_back_pressure_holds_input_in_the_tty_until_asked(
@@ -246,7 +349,7 @@ async def test_port_vanishing_mid_stream_raises_driver_error(
 
 async def test_missing_port_is_a_driver_error(tmp_path: Any) -> None:
     drv = SerialDriver(serial_config(str(tmp_path / "ttyUSB9")))
-    with pytest.raises(DriverError) as info:
+    with pytest.raises(DriverError, match="no such device") as info:
         await drv.open()
     assert isinstance(info.value.__cause__, Exception)
     await drv.close()
@@ -281,3 +384,59 @@ async def test_reopen_after_the_device_comes_back(pty_device: PtyDevice) -> None
     [reading] = await take(drv, 1)
     assert isinstance(reading, Reading) and reading.value == 2.0
     await drv.close()
+
+
+async def test_reopen_mid_line_stores_no_fragment(pty_device: PtyDevice) -> None:
+    """The port is reopened while the device is in the middle of a line: the stream starts with
+    that line's tail ("2,2.5,C,"), which would decode as a bogus reading of sensor "2"."""
+    drv = SerialDriver(serial_config(pty_device.path, format="csv"))
+    await drv.open()
+    pty_device.write(b"\nt1,1.5,C,\n")
+    [first] = await take(drv, 1)
+    await drv.close()
+    await drv.open()  # pyserial flushes what the tty held from before: it is stale
+    pty_device.write(b"2,2.5,C,\nt3,3.5,C,\n")
+    [reading] = await take(drv, 1)
+    assert isinstance(first, Reading) and first.sensor == "t1"
+    assert isinstance(reading, Reading) and (reading.sensor, reading.value) == ("t3", 3.5)
+    assert drv.resync_bytes == len(b"2,2.5,C,")
+    await drv.close()
+
+
+async def test_by_id_link_that_vanishes_and_comes_back(tmp_path: Path) -> None:
+    """udev's /dev/serial/by-id link goes with the unplugged device and comes back pointing at
+    a new tty: the driver raises, fails to open while the link is gone, then reads the new tty,
+    and the tail of a line it was joined in the middle of is neither a reading nor bad input."""
+    by_id = tmp_path / "serial" / "by-id"
+    by_id.mkdir(parents=True)
+    link = by_id / "usb-Arduino_Uno_0001-if00"
+    first, second = PtyDevice(), PtyDevice()
+    try:
+        link.symlink_to(first.path)
+        drv = SerialDriver(serial_config(str(link), format="kv"))
+        await drv.open()
+        first.write(b"\nt=1\n")
+        [reading] = await take(drv, 1)
+        assert isinstance(reading, Reading) and reading.value == 1.0
+
+        first.unplug()
+        link.unlink()
+        with pytest.raises(DriverError):
+            await asyncio.wait_for(take(drv, 1), TIMEOUT)
+        await drv.close()
+        with pytest.raises(DriverError, match="no such device"):
+            await drv.open()
+
+        link.symlink_to(second.path)
+        await drv.open()
+        second.write(b"=2.5 h=40\nt=3 h=41\n")  # joined in the middle of "t=2.5 h=40"
+        items = await take(drv, 2)
+        assert [(i.sensor, i.value) for i in items if isinstance(i, Reading)] == [
+            ("t", 3.0),
+            ("h", 41.0),
+        ]
+        assert drv.resync_bytes == len(b"=2.5 h=40")
+        await drv.close()
+    finally:
+        first.close()
+        second.close()

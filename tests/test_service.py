@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.service import install_steps, uninstall_steps, unit_text
+from agent.config import ConfigError, load_config, parse_config
+from agent.preflight import key_file_problems
+from agent.service import REPO, install_steps, uninstall_steps, unit_text
 
 
 def test_install_writes_unit_and_config_but_never_overwrites(tmp_path: Path) -> None:
@@ -25,6 +29,7 @@ def test_install_writes_unit_and_config_but_never_overwrites(tmp_path: Path) -> 
         "systemctl daemon-reload",
         "systemctl enable --now edge-agent.service",
     ]
+    assert f"chown root:edge-agent {tmp_path / 'etc' / 'agent.yaml'}" in described
     for step in steps[1:3]:  # the two file writes; not useradd or systemctl
         step.run()
     unit = (tmp_path / "units" / "edge-agent.service").read_text()
@@ -75,3 +80,121 @@ def test_unit_verifies(tmp_path: Path) -> None:
     unit.write_text(unit_text(shutil.which("true") or "/bin/true"))
     proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", "no warnings either (unknown keys are only warnings)"
+
+
+def _with_drop_ins(tmp_path: Path) -> Path:
+    unit = tmp_path / "edge-agent.service"
+    unit.write_text(unit_text(shutil.which("true") or "/bin/true"))
+    drop_ins = tmp_path / "edge-agent.service.d"
+    drop_ins.mkdir()
+    for example in sorted((REPO / "systemd").glob("*.conf")):
+        shutil.copy(example, drop_ins / example.name)
+    return unit
+
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed"
+)
+
+
+@needs_systemd_analyze
+def test_drop_in_examples_verify(tmp_path: Path) -> None:
+    unit = _with_drop_ins(tmp_path)
+    env = os.environ | {"SYSTEMD_UNIT_PATH": f"{tmp_path}:"}
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+@needs_systemd_analyze
+def test_unit_exposure_is_at_most_2(tmp_path: Path) -> None:
+    unit = _with_drop_ins(tmp_path)  # the examples must not weaken the sandbox
+    env = os.environ | {"SYSTEMD_UNIT_PATH": f"{tmp_path}:"}
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    found = re.search(r"Overall exposure level for edge-agent.service: ([0-9.]+)", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    assert float(found.group(1)) <= 2.0, proc.stdout
+
+
+def test_unit_is_a_notify_service_with_a_watchdog_and_serial_access() -> None:
+    settings: dict[str, list[str]] = {}
+    for line in unit_text("/x/edge-agent").splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    expected = {
+        "Type": ["notify"],
+        "NotifyAccess": ["main"],
+        "Restart": ["on-failure"],
+        "ExecReload": ["/bin/kill -HUP $MAINPID"],
+        "User": ["edge-agent"],
+        "SupplementaryGroups": ["dialout"],
+        "DevicePolicy": ["closed"],
+        "CapabilityBoundingSet": [""],
+        "NoNewPrivileges": ["yes"],
+        "ProtectSystem": ["strict"],
+        "MemoryDenyWriteExecute": ["yes"],
+        "RestrictAddressFamilies": ["AF_UNIX AF_INET AF_INET6"],
+    }
+    for key, value in expected.items():
+        assert settings.get(key) == value, key
+    assert settings["WatchdogSec"] and settings["StateDirectory"] == ["edge-agent"]
+    assert "char-ttyUSB rw" in settings["DeviceAllow"]
+    assert "char-ttyAMA rw" in settings["DeviceAllow"]
+
+
+def test_credentials_fill_in_what_the_environment_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "EDGE_CLOUD_TOKEN").write_text("s3cret\n")
+    text = (
+        "upstreams:\n  - {type: http, name: c, url: 'https://x/i', token: '${EDGE_CLOUD_TOKEN}'}\n"
+    )
+    monkeypatch.delenv("EDGE_CLOUD_TOKEN", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(ConfigError, match="LoadCredential=EDGE_CLOUD_TOKEN"):
+        parse_config(text)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert parse_config(text).upstreams[0].token == "s3cret"  # type: ignore[union-attr]
+    monkeypatch.setenv("EDGE_CLOUD_TOKEN", "from-env")  # the environment comes first
+    assert parse_config(text).upstreams[0].token == "from-env"  # type: ignore[union-attr]
+    key = parse_config(
+        "upstreams:\n  - {type: http, name: c, url: 'https://x/i', cert_file: /c.pem,"
+        " key_file: '${CREDENTIALS_DIRECTORY}/client.key'}\n"
+    ).upstreams[0]
+    assert key.key_file == creds / "client.key"  # type: ignore[union-attr]
+
+
+def test_a_key_file_others_can_read_is_refused_at_start(tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(0o644)
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"agent: {{data_dir: {tmp_path / 'data'}}}\n"
+        "upstreams:\n"
+        f"  - {{type: http, name: c, url: 'https://x/i', cert_file: /c.pem, key_file: {key}}}\n"
+    )
+    cfg = load_config(config)
+    (problem,) = key_file_problems(cfg)
+    assert problem.startswith(f"{key}: upstreams[0].key_file: the private key is readable")
+    assert "mode 0644" in problem and f"chmod 600 {key}" in problem
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent", "run", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1 and proc.stderr.strip() == problem
+    assert not (tmp_path / "data").exists(), "refused before anything started"
+    key.chmod(0o640)
+    assert key_file_problems(cfg) == []

@@ -5,21 +5,27 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import math
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from simulator.cloud import CloudServer, CloudStore
+from simulator.cloud import CloudError, CloudServer, CloudStore, MqttSubscription
+from tests.conftest import Broker, eventually, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 5.0
 LOG = "log-a"
+FAULTS_OFF = {
+    "down": False, "down_for": None, "fail_rate": 0.0, "lose_ack_rate": 0.0,
+    "throttle_rate": 0.0, "retry_after": 1.0, "latency": 0.0, "jitter": 0.0, "drop_rate": 0.0,
+}  # fmt: skip
 
 
 def event(stream: str, seq: int, kind: str = "reading", **extra: Any) -> dict[str, Any]:
@@ -189,10 +195,7 @@ async def test_control_down_and_failures(
     server: CloudServer, session: aiohttp.ClientSession
 ) -> None:
     ingest, control = f"{server.url}/ingest", f"{server.url}/control"
-    assert await post(session, control, {"down": True}) == (
-        200,
-        {"down": True, "fail_rate": 0.0, "lose_ack_rate": 0.0},
-    )
+    assert await post(session, control, {"down": True}) == (200, {**FAULTS_OFF, "down": True})
     status, reply = await post(session, ingest, readings(range(1, 3)))
     assert status == 503 and "down" in reply["error"]
     assert (await post(session, control, {"down": False, "fail_rate": 1.0}))[0] == 200
@@ -208,11 +211,16 @@ async def test_control_down_and_failures(
             200,
             {"accepted": 0, "duplicates": 2},
         )
-    for bad in ({"down": "yes"}, {"fail_rate": 2}, {"explode": True}, [1]):
+    for bad in (
+        {"down": "yes"}, {"fail_rate": 2}, {"explode": True}, [1], {"drop_rate": -0.1},
+        {"throttle_rate": True}, {"latency": -1}, {"retry_after": "soon"}, {"down_for": -5},
+        {"jitter": 1, "fail_rate": 7},
+    ):  # fmt: skip
         status, reply = await post(session, control, bad)
-        assert status == 400 and reply["error"]
+        assert status == 400 and reply["error"], bad
     async with session.get(control) as resp:
-        assert await resp.json() == {"down": False, "fail_rate": 0.0, "lose_ack_rate": 0.0}
+        # A refused change changes nothing, not even its valid part.
+        assert await resp.json() == FAULTS_OFF
 
 
 async def test_fail_rate_is_seeded(tmp_path: Path, session: aiohttp.ClientSession) -> None:
@@ -287,7 +295,8 @@ async def test_summary(server: CloudServer, session: aiohttp.ClientSession) -> N
     assert s["alerts"][0]["kind"] == "alert.raised" and s["alerts"][1]["kind"] == "alert.cleared"
     assert s["alerts"][0]["data"] == {"rule": "hot", "threshold": 30}
     assert s["alerts"][0]["sensor"] == "temp1" and s["alerts"][0]["value"] == 55.0
-    assert s["faults"] == {"down": False, "fail_rate": 0.0, "lose_ack_rate": 0.0}
+    assert s["faults"] == FAULTS_OFF
+    assert s["mqtt"] is None
 
 
 async def test_empty_summary(server: CloudServer, session: aiohttp.ClientSession) -> None:
@@ -322,3 +331,330 @@ async def test_cli_cloud_subprocess(tmp_path: Path, session: aiohttp.ClientSessi
             await proc.wait()
     with CloudStore(db) as store:
         assert store.count("readings") == 3
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+async def control(
+    session: aiohttp.ClientSession, server: CloudServer, **switches: Any
+) -> dict[str, Any]:
+    status, reply = await post(session, f"{server.url}/control", switches)
+    assert status == 200, reply
+    return dict(reply)
+
+
+async def injected(session: aiohttp.ClientSession, server: CloudServer) -> dict[str, int]:
+    async with session.get(f"{server.url}/api/summary") as resp:
+        return dict((await resp.json())["injected"])
+
+
+async def test_throttle_answers_429_with_retry_after(
+    server: CloudServer, session: aiohttp.ClientSession
+) -> None:
+    ingest = f"{server.url}/ingest"
+    reply = await control(session, server, throttle_rate=1, retry_after=7)
+    assert reply == {**FAULTS_OFF, "throttle_rate": 1.0, "retry_after": 7.0}
+    for retry_after, header in ((7, "7"), (0.25, "0.25")):
+        await control(session, server, retry_after=retry_after)
+        async with session.post(ingest, json=readings(range(1, 3))) as resp:
+            assert resp.status == 429
+            assert resp.headers["Retry-After"] == header
+            assert "throttle_rate" in (await resp.json())["error"]
+    with CloudStore(server.db_path) as store:
+        assert store.count() == 0
+    await control(session, server, throttle_rate=0)
+    assert (await post(session, ingest, readings(range(1, 3))))[0] == 200
+    assert (await injected(session, server))["throttle"] == 2
+
+
+async def test_latency_and_jitter_delay_every_answer(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    async with CloudServer(tmp_path / "cloud.db", latency=0.2, jitter=0.1, seed=1) as srv:
+        elapsed = []
+        for seq in range(1, 4):
+            started = time.monotonic()
+            # The session's timeout is the deadline; the delay is measured, not waited for.
+            status, _ = await post(session, f"{srv.url}/ingest", readings(range(seq, seq + 1)))
+            assert status == 200
+            elapsed.append(time.monotonic() - started)
+        assert all(0.2 <= e < 0.3 + 1.0 for e in elapsed), elapsed
+        assert len({round(e, 3) for e in elapsed}) > 1  # jitter: not all alike
+        await control(session, srv, latency=0, jitter=0)
+        started = time.monotonic()
+        assert (await post(session, f"{srv.url}/ingest", readings(range(9, 10))))[0] == 200
+        assert time.monotonic() - started < 0.2
+        assert (await injected(session, srv))["delayed"] == 3
+
+
+async def test_dropped_connection_after_the_body_is_stored(
+    server: CloudServer, session: aiohttp.ClientSession
+) -> None:
+    ingest = f"{server.url}/ingest"
+    await control(session, server, drop_rate=1)
+    with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        await post(session, ingest, readings(range(1, 4)))
+    with CloudStore(server.db_path) as store:
+        # No answer went out, but the batch was committed: the resend is all duplicates.
+        assert store.count() == 3
+        await control(session, server, drop_rate=0)
+        assert await post(session, ingest, readings(range(1, 4))) == (
+            200,
+            {"accepted": 0, "duplicates": 3},
+        )
+        assert store.count() == 3 and store.duplicates() == 3
+    assert (await injected(session, server))["drop"] == 1
+
+
+async def test_down_for_comes_back_by_itself(
+    server: CloudServer, session: aiohttp.ClientSession
+) -> None:
+    ingest = f"{server.url}/ingest"
+    reply = await control(session, server, down_for=0.4)
+    assert reply["down"] is True and 0 < reply["down_for"] <= 0.4
+    assert (await post(session, ingest, readings(range(1, 2))))[0] == 503
+
+    async def up() -> bool:
+        return (await post(session, ingest, readings(range(1, 2))))[0] == 200
+
+    await eventually(up, within=DEADLINE, interval=0.05, what="the endpoint to come back")
+    async with session.get(f"{server.url}/control") as resp:
+        assert await resp.json() == FAULTS_OFF
+    # `down` ends a schedule; `down_for: 0` is "up now".
+    await control(session, server, down_for=60)
+    assert (await control(session, server, down=True))["down_for"] is None
+    await control(session, server, down_for=60)
+    assert (await control(session, server, down_for=0))["down"] is False
+
+
+async def test_faults_given_at_start_are_reported(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    async with CloudServer(
+        tmp_path / "cloud.db", fail_rate=0.1, lose_ack_rate=0.2, throttle_rate=0.3,
+        retry_after=2, latency=0.01, jitter=0.02, drop_rate=0.4, down_for=30,
+    ) as srv:  # fmt: skip
+        async with session.get(f"{srv.url}/api/summary") as resp:
+            faults = (await resp.json())["faults"]
+        assert faults == {
+            "down": True, "down_for": pytest.approx(30, abs=DEADLINE), "fail_rate": 0.1,
+            "lose_ack_rate": 0.2, "throttle_rate": 0.3, "retry_after": 2.0, "latency": 0.01,
+            "jitter": 0.02, "drop_rate": 0.4,
+        }  # fmt: skip
+    for bad in (
+        {"drop_rate": 2},
+        {"throttle_rate": -1},
+        {"latency": -1},
+        {"retry_after": math.inf},
+    ):
+        with pytest.raises(ValueError):
+            CloudServer(tmp_path / "x.db", **bad)
+
+
+async def test_the_agent_gets_everything_through_every_fault_exactly_once(tmp_path: Path) -> None:
+    from agent.config import HttpUpstreamConfig, LogConfig
+    from agent.events import Reading, Stream
+    from agent.log import EventLog
+    from agent.upstream_http import HttpUpstream
+
+    cfg = HttpUpstreamConfig.model_validate({
+        "type": "http", "name": "c", "url": "http://unset", "batch_size": 50, "linger": 0,
+        "timeout": DEADLINE, "backoff_initial": 0.01, "backoff_max": 0.1,
+    })  # fmt: skip
+    async with (
+        CloudServer(
+            tmp_path / "cloud.db", fail_rate=0.1, throttle_rate=0.15, retry_after=0.05,
+            drop_rate=0.2, lose_ack_rate=0.1, latency=0.002, jitter=0.005, seed=7,
+        ) as cloud,
+        EventLog.open(tmp_path / "events.db", LogConfig(commit_interval=0)) as event_log,
+    ):  # fmt: skip
+        now, mono = time.time(), time.monotonic()
+        await event_log.append(
+            [Reading("t", float(i), None, now, now, mono, "x") for i in range(600)]
+        )
+        up = HttpUpstream(cfg.model_copy(update={"url": f"{cloud.url}/ingest"}), "test")
+        stop = asyncio.Event()
+        task = asyncio.create_task(up.run(event_log, stop))
+        await eventually(
+            lambda: event_log.cursor(up.consumer, Stream.READINGS) == 600,
+            within=20, what="delivery",
+        )  # fmt: skip
+        stop.set()
+        await asyncio.wait_for(task, DEADLINE)
+        log_id = event_log.log_id
+        counts = cloud.injected.as_dict()
+    assert all(counts[k] > 0 for k in ("fail", "throttle", "drop", "lose_ack")), counts
+    with CloudStore(tmp_path / "cloud.db") as store:
+        assert store.event_ids("readings") == {f"{log_id}:readings:{i}" for i in range(1, 601)}
+        assert store.count() == 600
+        # Every batch stored and then left unanswered came again and was dropped by id.
+        assert store.duplicates() >= 50 * (counts["drop"] + counts["lose_ack"]) - 50
+
+
+# --- MQTT ------------------------------------------------------------------------------------
+
+
+def publish(port: int, topic: str, *payloads: bytes) -> None:
+    """Publish with QoS 1 and return once the broker has each message (blocking: a thread)."""
+    import paho.mqtt.publish
+
+    paho.mqtt.publish.multiple(
+        [{"topic": topic, "payload": p, "qos": 1} for p in payloads],
+        hostname="127.0.0.1",
+        port=port,
+    )
+
+
+async def test_mqtt_ingest_stores_and_dedupes(
+    tmp_path: Path, broker: Broker, session: aiohttp.ClientSession
+) -> None:
+    prefix = f"edge-{tmp_path.name}"
+    sub = MqttSubscription(broker.url, (f"{prefix}/#",))
+    async with CloudServer(tmp_path / "cloud.db", mqtt=sub) as srv:
+        body = json.dumps(readings(range(1, 6))).encode()
+        await asyncio.to_thread(publish, broker.port, f"{prefix}/pi-1/readings", body)
+        with CloudStore(srv.db_path) as store:
+            await eventually(lambda: store.count() == 5, within=DEADLINE, what="5 stored")
+            alert = event(
+                "alerts", 1, "alert.raised", sensor="temp1", value=36.0, data={"rule": "hot"}
+            )
+            await asyncio.to_thread(
+                publish, broker.port, f"{prefix}/pi-1/alerts",
+                body,  # the same batch again: every event a duplicate
+                json.dumps(alert).encode(),  # one event alone
+                b"{not json",
+                json.dumps({"log_id": LOG, "events": 3}).encode(),
+                json.dumps({**alert, "id": f"{LOG}:alerts:2"}).encode(),  # seq says 1
+            )  # fmt: skip
+
+            async def all_seen() -> bool:
+                return (await srv.summary())["mqtt"]["messages"] == 6
+
+            await eventually(all_seen, within=DEADLINE, what="6 messages handled")
+            assert store.count() == 6 and store.count("alerts") == 1
+            assert store.duplicates() == 5
+            stored = store.events("alerts")[0]
+            assert (stored["id"], stored["log_id"], stored["value"]) == (
+                f"{LOG}:alerts:1",
+                LOG,
+                36.0,
+            )
+            # One path for both: what came over MQTT is a duplicate over HTTP.
+            assert await post(session, f"{srv.url}/ingest", readings(range(1, 6))) == (
+                200,
+                {"accepted": 0, "duplicates": 5},
+            )
+        mqtt = (await srv.summary())["mqtt"]
+    assert mqtt == {
+        "url": broker.url, "topics": [f"{prefix}/#"], "connected": True, "messages": 6,
+        "accepted": 6, "duplicates": 5, "rejected": 3, "last_error": mqtt["last_error"],
+    }  # fmt: skip
+    assert "is not <log_id>" in mqtt["last_error"]
+
+
+async def test_mqtt_messages_sent_while_the_cloud_is_stopped_arrive_when_it_is_back(
+    tmp_path: Path, broker: Broker
+) -> None:
+    prefix = f"edge-{tmp_path.name}"
+    db = tmp_path / "cloud.db"
+    sub = MqttSubscription(broker.url, (f"{prefix}/#",))
+    async with CloudServer(db, mqtt=sub):
+        pass  # the broker now keeps a session for this database's client id
+    await asyncio.to_thread(
+        publish, broker.port, f"{prefix}/r", json.dumps(readings(range(1, 4))).encode()
+    )
+    async with CloudServer(db, mqtt=sub):
+        with CloudStore(db) as store:
+            await eventually(lambda: store.count() == 3, within=DEADLINE, what="the backlog")
+
+
+async def test_mqtt_reconnects_after_the_broker_restarts(
+    tmp_path: Path, make_broker: Callable[..., Broker]
+) -> None:
+    own = make_broker()
+    sub = MqttSubscription(own.url, ("edge/#",))
+    async with CloudServer(tmp_path / "cloud.db", mqtt=sub) as srv:
+
+        async def connected(state: bool) -> bool:
+            return bool((await srv.summary())["mqtt"]["connected"]) is state
+
+        await asyncio.to_thread(own.stop)
+        await eventually(lambda: connected(False), within=DEADLINE, what="the disconnect")
+        await asyncio.to_thread(own.start)  # the same port, no session kept: subscribe again
+        await eventually(lambda: connected(True), within=DEADLINE, what="the reconnect")
+        await asyncio.to_thread(
+            publish, own.port, "edge/x", json.dumps(readings(range(1, 3))).encode()
+        )
+        with CloudStore(srv.db_path) as store:
+            await eventually(lambda: store.count() == 2, within=DEADLINE, what="stored")
+
+
+async def test_unreachable_broker_fails_the_start(tmp_path: Path) -> None:
+    sub = MqttSubscription(f"mqtt://127.0.0.1:{free_port()}", ("edge/#",))
+    server = CloudServer(tmp_path / "cloud.db", mqtt=sub, mqtt_timeout=0.5)
+    with pytest.raises(CloudError, match="cannot connect"):
+        await server.start()
+    with pytest.raises(RuntimeError):
+        server.url  # noqa: B018 (not listening)
+    for url in ("http://127.0.0.1:1883", "mqtt://", "mqtt://h:99999"):
+        with pytest.raises(ValueError):
+            MqttSubscription(url)
+
+
+async def test_cli_cloud_faults_and_mqtt(
+    tmp_path: Path, broker: Broker, session: aiohttp.ClientSession
+) -> None:
+    db = tmp_path / "cli.db"
+    prefix = f"edge-{tmp_path.name}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "simulator.cli", "cloud", "--port", "0", "--db", str(db),
+        "--throttle-rate", "1", "--retry-after", "3", "--latency", "0.01", "--jitter", "0.01",
+        "--drop-rate", "0.5", "--mqtt-url", broker.url, "--mqtt-topic", f"{prefix}/#",
+        "--mqtt-topic", "other/#",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = (await asyncio.wait_for(proc.stdout.readline(), 10.0)).decode()
+        assert first.startswith("LISTENING http://127.0.0.1:"), first
+        url = first.split()[1]
+        async with session.post(f"{url}/ingest", json=readings(range(1, 2))) as resp:
+            assert resp.status == 429 and resp.headers["Retry-After"] == "3"
+        async with session.get(f"{url}/control") as resp:
+            assert await resp.json() == {
+                **FAULTS_OFF, "throttle_rate": 1.0, "retry_after": 3.0, "latency": 0.01,
+                "jitter": 0.01, "drop_rate": 0.5,
+            }  # fmt: skip
+        await asyncio.to_thread(
+            publish, broker.port, f"{prefix}/r", json.dumps(readings(range(1, 4))).encode()
+        )
+        with CloudStore(db) as store:
+            await eventually(lambda: store.count() == 3, within=DEADLINE, what="mqtt ingest")
+        async with session.get(f"{url}/") as resp:
+            assert resp.status == 200 and "sensor-plot" in await resp.text()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), DEADLINE) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--drop-rate", "2"], "drop_rate must be within [0, 1]"),
+        (["--latency", "-1"], "latency must be >= 0"),
+        (["--mqtt-url", "http://x"], "mqtt://host:port"),
+        (["--mqtt-topic", "a/#"], "--mqtt-topic needs --mqtt-url"),
+    ],
+)
+def test_cli_cloud_bad_options(args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from simulator.cli import app
+
+    result = CliRunner().invoke(app, ["cloud", "--port", "0", *args])
+    assert result.exit_code == 2
+    assert message in result.output

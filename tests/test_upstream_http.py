@@ -1,17 +1,30 @@
-"""The HTTP upstream against the simulator's real endpoint: lanes, starvation, retries."""
+"""The HTTP upstream against real servers: the simulator's endpoint (with its faults), small
+aiohttp apps for what it does not do (refusals, TLS), and a socket that never answers."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
+import gzip
+import json
+import ssl
 import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
 
 from agent.config import HttpUpstreamConfig, LogConfig
 from agent.events import NewEvent, Reading, Rejected, Stream
 from agent.log import EventLog
-from agent.upstream_http import HttpUpstream
+from agent.upstream import Upstream
+from agent.upstream_http import HttpUpstream, parse_retry_after
 from simulator.cloud import CloudServer, CloudStore
-from tests.conftest import eventually
+from tests.conftest import eventually, free_port
 
 
 def upstream(url: str, **kw: object) -> HttpUpstream:
@@ -30,15 +43,102 @@ def upstream(url: str, **kw: object) -> HttpUpstream:
     return HttpUpstream(cfg, "test")
 
 
-async def fill(log: EventLog, readings: int) -> None:
+async def fill(log: EventLog, readings: int, sensor: str = "t", start: float = 0.0) -> None:
     now, mono = time.time(), time.monotonic()
-    await log.append([Reading("t", float(i), None, now, now, mono, "x") for i in range(readings)])
+    await log.append(
+        [Reading(sensor, start + i, None, now, now, mono, "x") for i in range(readings)]
+    )
+
+
+async def alert(log: EventLog, sensor: str, severity: str, kind: str = "alert.raised") -> None:
+    now = time.time()
+    data = {"alert_id": f"r:{sensor}:1", "rule": "r", "severity": severity}
+    await log.append(events={Stream.ALERTS: [NewEvent(kind, now, now, 0.0, sensor, 1.0, None, data)]})
+
+
+class Running:
+    """Upstreams running on a log until the block ends (then stopped, within a deadline)."""
+
+    def __init__(self, log: EventLog, *ups: Upstream) -> None:
+        self.log, self.ups = log, ups
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Running:
+        self.tasks = [asyncio.create_task(u.run(self.log, self.stop)) for u in self.ups]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks), 10)
+
+
+def caught_up(log: EventLog, up: Any) -> Callable[[], bool]:
+    return lambda: all(log.cursor(up.consumer, s) == log.head(s) for s in up.streams)
+
+
+@dataclass
+class Endpoint:
+    """A small ingestion app of the test's own: `answer(batch)` gives the status for a batch;
+    what it stores (on 2xx) is kept by id, with every request's time and body size."""
+
+    answer: Callable[[dict[str, Any]], int | tuple[int, dict[str, str]]] = lambda b: 200
+    ssl_context: ssl.SSLContext | None = None
+    ids: set[str] = field(default_factory=set)
+    requests: list[tuple[float, int, int]] = field(default_factory=list)  # (time, status, bytes)
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> Endpoint:
+        app = web.Application()
+        app.router.add_post("/ingest", self._ingest)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=self.ssl_context).start()
+        scheme = "https" if self.ssl_context else "http"
+        self.url = f"{scheme}://127.0.0.1:{port}/ingest"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _ingest(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        body = json.loads(raw)
+        answer = self.answer(body)
+        status, headers = answer if isinstance(answer, tuple) else (answer, {})
+        self.requests.append((time.monotonic(), status, len(raw)))
+        if 200 <= status < 300:
+            self.ids.update(e["id"] for e in body["events"])
+        return web.json_response({"status": status}, status=status, headers=headers)
+
+
+async def hanging_server() -> tuple[asyncio.Server, str]:
+    """Accepts connections, reads, and never answers: a hung endpoint."""
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/ingest"
+
+
+def log_cfg() -> LogConfig:
+    return LogConfig(commit_interval=0)
+
+
+# --------------------------------------------------------------------------- lanes, retries
 
 
 async def test_alerts_first_and_deadletter_not_starved_by_a_steady_flow(tmp_path: Path) -> None:
     async with (
         CloudServer(tmp_path / "cloud.db") as cloud,
-        EventLog.open(tmp_path / "e.db", LogConfig(commit_interval=0)) as log,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
     ):
         await fill(log, 3000)
         now = time.time()
@@ -47,11 +147,10 @@ async def test_alerts_first_and_deadletter_not_starved_by_a_steady_flow(tmp_path
             events={Stream.ALERTS: [NewEvent("alert.raised", now, now, 0.0, "t", 99.0)]}
         )
         up = upstream(cloud.url + "/ingest")
-        stop = asyncio.Event()
-        task = asyncio.create_task(up.run(log, stop))
-        await eventually(lambda: log.cursor(up.consumer, Stream.READINGS) == 3000, what="delivery")
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        async with Running(log, up):
+            await eventually(
+                lambda: log.cursor(up.consumer, Stream.READINGS) == 3000, what="delivery"
+            )
     with CloudStore(tmp_path / "cloud.db") as store:
         order = [e["stream"] for e in store.events()]
     assert order[0] == "alerts"
@@ -62,14 +161,13 @@ async def test_alerts_first_and_deadletter_not_starved_by_a_steady_flow(tmp_path
 
 async def test_retries_until_acknowledged_and_dedupes(tmp_path: Path) -> None:
     async with CloudServer(tmp_path / "cloud.db", fail_rate=0.3, lose_ack_rate=0.3, seed=3) as cloud, \
-            EventLog.open(tmp_path / "e.db", LogConfig(commit_interval=0)) as log:  # fmt: skip
+            EventLog.open(tmp_path / "e.db", log_cfg()) as log:  # fmt: skip
         await fill(log, 1000)
         up = upstream(cloud.url + "/ingest", gzip=False)
-        stop = asyncio.Event()
-        task = asyncio.create_task(up.run(log, stop))
-        await eventually(lambda: log.cursor(up.consumer, Stream.READINGS) == 1000, what="delivery")
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        async with Running(log, up):
+            await eventually(
+                lambda: log.cursor(up.consumer, Stream.READINGS) == 1000, what="delivery"
+            )
         assert up.status.failures > 0 and "HTTP 500" in (up.status.last_error or "")
         log_id = log.log_id
     with CloudStore(tmp_path / "cloud.db") as store:
@@ -78,15 +176,309 @@ async def test_retries_until_acknowledged_and_dedupes(tmp_path: Path) -> None:
 
 
 async def test_unreachable_endpoint_keeps_everything(tmp_path: Path) -> None:
-    from tests.conftest import free_port
-
-    async with EventLog.open(tmp_path / "e.db", LogConfig(commit_interval=0)) as log:
+    async with EventLog.open(tmp_path / "e.db", log_cfg()) as log:
         await fill(log, 10)
         up = upstream(f"http://127.0.0.1:{free_port()}/ingest")
-        stop = asyncio.Event()
-        task = asyncio.create_task(up.run(log, stop))
-        await eventually(lambda: up.status.failures >= 3, what="retries")
-        stop.set()
-        await asyncio.wait_for(task, 10)
+        async with Running(log, up):
+            await eventually(lambda: up.status.failures >= 3, what="retries")
         assert log.cursor(up.consumer, Stream.READINGS) == 0
         assert "Connect" in (up.status.last_error or "")
+
+
+async def test_dropped_connections_and_latency_lose_nothing(tmp_path: Path) -> None:
+    """The endpoint stores a batch, then drops the connection without answering (or answers
+    slower than the timeout): the batch comes again and the endpoint drops it by id."""
+    async with CloudServer(tmp_path / "cloud.db", drop_rate=0.3, latency=0.01, jitter=0.2,
+                           seed=5) as cloud, \
+            EventLog.open(tmp_path / "e.db", log_cfg()) as log:  # fmt: skip
+        await fill(log, 300)
+        up = upstream(cloud.url + "/ingest", batch_size=50, timeout=0.15)
+        async with Running(log, up):
+            await eventually(caught_up(log, up), within=20, what="delivery")
+        log_id, injected = log.log_id, cloud.injected.as_dict()
+    assert injected["drop"] > 0 and injected["delayed"] > 0
+    errors = up.status.last_error or ""
+    assert up.status.failures >= injected["drop"]
+    assert "closed the connection" in errors or "no answer within 0.15s" in errors
+    with CloudStore(tmp_path / "cloud.db") as store:
+        assert store.event_ids("readings") == {f"{log_id}:readings:{i}" for i in range(1, 301)}
+        assert store.duplicates() > 0
+
+
+async def test_a_hanging_connection_is_timed_out_not_waited_on(tmp_path: Path) -> None:
+    server, url = await hanging_server()
+    async with server, EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 10)
+        up = upstream(url, timeout=0.2)
+        t0 = time.monotonic()
+        async with Running(log, up):
+            await eventually(lambda: up.status.failures >= 3, within=5, what="timeouts")
+        assert time.monotonic() - t0 < 3
+        assert up.status.last_error == "no answer within 0.2s (timeout)"
+        assert log.cursor(up.consumer, Stream.READINGS) == 0
+
+
+async def test_429_and_503_wait_as_long_as_retry_after_asks(tmp_path: Path) -> None:
+    answers = iter([(429, {"Retry-After": "0.5"}), (503, {"Retry-After": "0.3"})])
+    async with (
+        Endpoint(lambda b: next(answers, 200)) as endpoint,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
+    ):
+        await fill(log, 5)
+        up = upstream(endpoint.url, backoff_max=1.0)
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="delivery")
+    (t1, s1, _), (t2, s2, _), (t3, s3, _) = endpoint.requests
+    assert (s1, s2, s3) == (429, 503, 200)
+    # The backoff alone (20 ms, doubling) would have come back far sooner.
+    assert t2 - t1 >= 0.49 and t3 - t2 >= 0.29
+    assert up.status.deadlettered == 0
+
+
+def test_retry_after_as_seconds_or_an_http_date() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("0.25") == 0.25
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= (parse_retry_after(later) or 0) <= 31
+
+
+async def test_a_wrong_token_is_retried_not_deadlettered(tmp_path: Path) -> None:
+    async with (
+        CloudServer(tmp_path / "cloud.db", token="right") as cloud,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
+    ):
+        await fill(log, 10)
+        up = upstream(cloud.url + "/ingest", token="wrong")
+        async with Running(log, up):
+            await eventually(lambda: up.status.failures >= 3, what="retries")
+        assert log.cursor(up.consumer, Stream.READINGS) == 0
+        assert log.head(Stream.DEADLETTER) == 0
+        assert (up.status.last_error or "").startswith("HTTP 401 (check the token)")
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+async def test_a_poisoned_event_is_isolated_and_deadlettered(tmp_path: Path) -> None:
+    def answer(batch: dict[str, Any]) -> int:
+        return 400 if any(e.get("value") == 13.0 for e in batch["events"]) else 200
+
+    async with (
+        Endpoint(answer) as endpoint,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
+    ):
+        await fill(log, 100)
+        up = upstream(endpoint.url, streams=["readings", "deadletter"])
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="every batch handled")
+        (record,) = await log.read(Stream.DEADLETTER, 0)
+        log_id = log.log_id
+    poisoned = f"{log_id}:readings:14"
+    sent = {i for i in endpoint.ids if ":readings:" in i}
+    assert sent == {f"{log_id}:readings:{i}" for i in range(1, 101)} - {poisoned}
+    assert record.kind == "deadletter"
+    assert record.data is not None
+    assert {k: record.data[k] for k in ("reason", "upstream", "status", "stream")} == {
+        "reason": "upstream_rejected",
+        "upstream": "c",
+        "status": 400,
+        "stream": "readings",
+    }
+    assert (record.data["first_seq"], record.data["last_seq"], record.data["count"]) == (14, 14, 1)
+    assert "400" in record.data["response"]
+    assert up.status.deadlettered == 1
+    # The record itself went upstream, in the deadletter lane.
+    assert f"{log_id}:deadletter:1" in endpoint.ids
+
+
+async def test_other_4xx_deadletter_the_batch_once_and_move_on(tmp_path: Path) -> None:
+    async with (
+        Endpoint(lambda b: 404) as endpoint,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
+    ):
+        await fill(log, 30)
+        up = upstream(endpoint.url, batch_size=10)
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="every batch handled")
+            await eventually(lambda: log.head(Stream.DEADLETTER) == 3, what="3 records")
+            await eventually(caught_up(log, up), what="the records handled")
+        records = await log.read(Stream.DEADLETTER, 0)
+    # The refused dead-letter records themselves are not dead-lettered again (no loop).
+    assert [(r.data or {}).get("count") for r in records] == [10, 10, 10]
+    assert [(r.data or {}).get("first_seq") for r in records] == [1, 11, 21]
+    assert up.status.deadlettered == 33
+    assert not endpoint.ids
+
+
+async def test_max_bytes_bounds_every_body(tmp_path: Path) -> None:
+    async with (
+        Endpoint() as endpoint,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
+    ):
+        await fill(log, 200)
+        up = upstream(endpoint.url, max_bytes="4KiB", gzip=False, batch_size=1000)
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="delivery")
+        log_id = log.log_id
+    assert endpoint.ids == {f"{log_id}:readings:{i}" for i in range(1, 201)}
+    sizes = [size for _, _, size in endpoint.requests]
+    assert len(sizes) > 5 and max(sizes) <= 4096
+    assert min(sizes[:-1]) > 4096 * 0.8, "batches are filled up to the bound"
+
+
+# --------------------------------------------------------------------------- routing
+
+
+async def test_routing_by_sensor_and_severity_moves_the_cursor_past_what_it_leaves(
+    tmp_path: Path,
+) -> None:
+    async with (
+        Endpoint() as endpoint,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
+    ):
+        for i in range(5):
+            await fill(log, 10, sensor="board.t1", start=i * 10)
+            await fill(log, 10, sensor="lan.h1", start=i * 10)
+        await alert(log, "board.t1", "warning")
+        await alert(log, "board.t1", "critical")
+        await alert(log, "lan.h1", "critical")
+        await log.append(events={Stream.AGENT: [NewEvent("gap", 1.0, 1.0, 0.0)]})
+        up = upstream(endpoint.url, sensors=["board.*"], severities=["critical"], batch_size=7)
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="every event handled")
+        log_id = log.log_id
+        readings = await log.read(Stream.READINGS, 0, 1000)
+    wanted = {f"{log_id}:readings:{e.seq}" for e in readings if e.sensor == "board.t1"}
+    assert {i for i in endpoint.ids if ":readings:" in i} == wanted
+    assert {i for i in endpoint.ids if ":alerts:" in i} == {f"{log_id}:alerts:2"}
+    # Events without a sensor (a gap) always pass the sensor globs.
+    assert f"{log_id}:agent:1" in endpoint.ids
+    assert up.status.filtered == 50 + 2
+    assert log.cursor(up.consumer, Stream.ALERTS) == 3
+
+
+async def test_one_upstream_hanging_never_delays_another(tmp_path: Path) -> None:
+    """Three upstreams on one log: a hung one (timeout far longer than the test), one for
+    everything and one for alerts only. The two that work deliver as if alone."""
+    server, hung_url = await hanging_server()
+    async with (
+        server,
+        CloudServer(tmp_path / "all.db") as everything,
+        CloudServer(tmp_path / "alerts.db") as alerts_only,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
+    ):
+        hung = upstream(hung_url, name="hung", timeout=60)
+        full = upstream(everything.url + "/ingest", name="full")
+        alerting = upstream(alerts_only.url + "/ingest", name="alerting", streams=["alerts"])
+        async with Running(log, hung, full, alerting):
+            t0 = time.monotonic()
+            for _ in range(4):
+                await fill(log, 500)
+                await alert(log, "t", "critical")
+            await eventually(caught_up(log, full), within=10, what="the full upstream")
+            await eventually(caught_up(log, alerting), within=10, what="the alerts upstream")
+            took = time.monotonic() - t0
+            assert log.cursor(hung.consumer, Stream.READINGS) == 0
+            assert log.cursor(hung.consumer, Stream.ALERTS) == 0
+    assert took < 5, f"the working upstreams took {took:.1f}s"
+    with CloudStore(tmp_path / "all.db") as store:
+        assert store.count("readings") == 2000 and store.count("alerts") == 4
+    with CloudStore(tmp_path / "alerts.db") as store:
+        assert store.count() == store.count("alerts") == 4
+
+
+# --------------------------------------------------------------------------- HTTPS
+
+
+@dataclass
+class Pki:
+    ca_file: Path
+    other_ca_file: Path
+    client_cert: Path
+    client_key: Path
+    contexts: dict[str, ssl.SSLContext]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA and server certificates made by the test (trustme): good, for another host, and
+    expired; the good server wants a client certificate from the same CA."""
+    import trustme
+
+    d = tmp_path_factory.mktemp("https-pki")
+    ca, other = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    other.cert_pem.write_to_path(str(d / "other.pem"))
+    client = ca.issue_cert("edge-agent.example")
+    client.cert_chain_pems[0].write_to_path(str(d / "client.pem"))
+    client.private_key_pem.write_to_path(str(d / "client.key"))
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    certs = {
+        "good": ca.issue_cert("127.0.0.1", "localhost"),
+        "wrong-name": ca.issue_cert("other.example"),
+        "expired": ca.issue_cert(
+            "127.0.0.1",
+            "localhost",
+            not_before=past - datetime.timedelta(days=30),
+            not_after=past,
+        ),
+    }
+    contexts = {}
+    for name, cert in certs.items():
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(ctx)
+        if name == "good":
+            ca.configure_trust(ctx)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        contexts[name] = ctx
+    return Pki(d / "ca.pem", d / "other.pem", d / "client.pem", d / "client.key", contexts)
+
+
+async def test_https_with_a_private_ca_and_a_client_certificate(tmp_path: Path, pki: Pki) -> None:
+    async with (
+        Endpoint(ssl_context=pki.contexts["good"]) as endpoint,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
+    ):
+        await fill(log, 50)
+        up = upstream(
+            endpoint.url,
+            ca_file=str(pki.ca_file),
+            cert_file=str(pki.client_cert),
+            key_file=str(pki.client_key),
+            headers={"X-Device": "pi-1"},
+            token="secret",
+        )
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="delivery over TLS")
+        assert len(endpoint.ids) == 50
+
+
+@pytest.mark.parametrize(
+    ("server", "ca", "client_cert", "expected"),
+    [
+        ("good", "other", True, "server certificate refused: self-signed certificate in "),
+        ("wrong-name", "ca", True, "does not name the host of the url"),
+        ("expired", "ca", True, "certificate has expired (the server's certificate is out of"),
+        ("good", "ca", False, "does the server require a client certificate? set cert_file"),
+    ],
+)
+async def test_https_refuses_what_it_cannot_trust_and_keeps_everything(
+    tmp_path: Path, pki: Pki, server: str, ca: str, client_cert: bool, expected: str
+) -> None:
+    async with (
+        Endpoint(ssl_context=pki.contexts[server]) as endpoint,
+        EventLog.open(tmp_path / "e.db", log_cfg()) as log,
+    ):
+        await fill(log, 10)
+        tls: dict[str, object] = {"ca_file": str(pki.ca_file if ca == "ca" else pki.other_ca_file)}
+        if client_cert:
+            tls |= {"cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
+        up = upstream(endpoint.url.replace("127.0.0.1", "localhost"), **tls)
+        async with Running(log, up):
+            await eventually(lambda: up.status.failures >= 2, what="refusals")
+        assert log.cursor(up.consumer, Stream.READINGS) == 0
+        assert len(await log.read(Stream.READINGS, 0)) == 10
+    assert expected in (up.status.last_error or ""), up.status.last_error
+    assert not endpoint.ids

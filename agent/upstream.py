@@ -1,0 +1,706 @@
+"""What every upstream shares: the protocol, routing, lanes, batches, acks and replay requests.
+
+An upstream is a consumer of the log with one cursor per stream it forwards. Its `Feed` reads
+its share of the log: lanes in priority order (alerts first, then the agent's own events, then
+aggregates, then readings; none starved), routed (streams, sensor globs, alert severities) and
+batched (count, bytes, linger). The cursor of a stream moves only once the upstream acknowledged
+everything up to it (invariant 2); an event the route leaves out is handled as it is read, and
+moves the cursor with the batch it came in.
+
+Cursor moves are submitted to the log without waiting for their commit, so the next batch goes
+out while the last one's cursor is being written; the feed keeps its own read positions, ahead
+of the committed cursors. What was sent and not acknowledged when the agent stops is sent again
+next time, and the receiver drops it by id (invariant 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from math import isfinite
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.config import UpstreamBaseConfig, UpstreamConfig
+from agent.events import LANES, Event, NewEvent, Stream
+from agent.log import CursorUpdate, EventLog
+
+log = logging.getLogger(__name__)
+
+#: A lane with events waiting is sent at least once every this many batches (alerts first).
+STARVE_AFTER = 4
+#: On shutdown, how long acknowledgements of what is in flight may still take.
+STOP_GRACE = 2.0
+#: How often a running upstream looks for a replay request (`edge-agent replay`).
+REPLAY_POLL = 0.5
+#: The most of a refused response kept in status and in the deadletter event.
+RESPONSE_TEXT = 500
+
+
+class UpstreamError(Exception):
+    """An upstream did not take a batch (or could not be reached): retried after a pause."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(slots=True)
+class UpstreamStatus:
+    """What `status` shows for an upstream.
+
+    `sent`: events acknowledged; `filtered`: events its route leaves out (handled, not sent);
+    `deadlettered`: events refused for good and recorded in `deadletter`; `inflight`: messages
+    sent and not acknowledged yet; `connected` is None for upstreams without a connection.
+    """
+
+    sent: int = 0
+    batches: int = 0
+    failures: int = 0
+    filtered: int = 0
+    deadlettered: int = 0
+    inflight: int = 0
+    max_inflight: int = 0
+    connected: bool | None = None
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_time: float | None = None
+    replays: int = 0
+
+    def failed(self, error: str) -> None:
+        """Count a failed attempt and keep its error for `status`."""
+        self.failures += 1
+        self.last_error = error
+        self.last_error_time = time.time()
+
+
+class Upstream(Protocol):
+    """A forwarder: a consumer of the log that delivers events somewhere and then moves its
+    cursors. `run` is called once per agent run and never concurrently with itself."""
+
+    @property
+    def name(self) -> str:
+        """The configured name."""
+        ...
+
+    @property
+    def cfg(self) -> UpstreamBaseConfig:
+        """The validated config it was built from."""
+        ...
+
+    @property
+    def consumer(self) -> str:
+        """The cursors' consumer name in the log: `upstream:<name>`."""
+        ...
+
+    @property
+    def status(self) -> UpstreamStatus:
+        """Live figures for `status`."""
+        ...
+
+    async def run(self, event_log: EventLog, stop: asyncio.Event) -> None:
+        """Forward until `stop` is set; what is not acknowledged by then stays in the log."""
+        ...
+
+
+def build_upstream(cfg: UpstreamConfig, agent_name: str, data_dir: Path | None = None) -> Upstream:
+    """The runtime object for an upstream's config (`data_dir`: where replay requests land)."""
+    if cfg.type == "http":
+        from agent.upstream_http import HttpUpstream
+
+        return HttpUpstream(cfg, agent_name, data_dir=data_dir)
+    from agent.upstream_mqtt import MqttUpstream
+
+    return MqttUpstream(cfg, agent_name, data_dir=data_dir)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+class Route:
+    """Which events of its streams an upstream takes, in the style of an event bus rule."""
+
+    def __init__(self, cfg: UpstreamBaseConfig) -> None:
+        self.streams: tuple[Stream, ...] = tuple(s for s in LANES if s.value in cfg.streams)
+        globs = cfg.sensor_globs
+        self._all_sensors = "*" in globs
+        self._sensors = re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+        self._severities = frozenset(cfg.severities)
+        self._all_severities = self._severities >= {"info", "warning", "critical"}
+
+    @property
+    def selective(self) -> bool:
+        """Whether any event of its streams can be left out."""
+        return not (self._all_sensors and self._all_severities)
+
+    def wants(self, event: Event) -> bool:
+        """Whether this upstream takes `event`. Events without a sensor (gaps, the agent's
+        own events, bad input) always pass the sensor globs; severities apply to alerts."""
+        if (
+            event.sensor is not None
+            and not self._all_sensors
+            and self._sensors.match(event.sensor) is None
+        ):
+            return False
+        if event.stream == Stream.ALERTS and not self._all_severities:
+            severity = (event.data or {}).get("severity")
+            return severity in self._severities
+        return True
+
+
+class Lanes:
+    """Picks the stream to send next: alerts always first, then by priority, but a lane passed
+    over STARVE_AFTER times gets a turn, so a steady flow of readings cannot keep dead-letter
+    events (last in line) from ever leaving."""
+
+    def __init__(self) -> None:
+        self._passed_over: dict[Stream, int] = {}
+
+    def pick(self, pending: Sequence[Stream]) -> Stream | None:
+        """The lane to send from, among those with events waiting (in priority order)."""
+        if not pending:
+            return None
+        if Stream.ALERTS in pending:
+            choice = Stream.ALERTS
+        else:
+            starved = [s for s in pending if self._passed_over.get(s, 0) >= STARVE_AFTER]
+            choice = starved[0] if starved else pending[0]
+        for s in pending:
+            self._passed_over[s] = 0 if s == choice else self._passed_over.get(s, 0) + 1
+        return choice
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(slots=True)
+class Batch:
+    """Events of one stream to deliver together, and the seq range they account for.
+
+    `events` are the ones the route takes; the range `first_seq..last_seq` also covers those it
+    left out, so acknowledging the batch moves the cursor to `last_seq`.
+    """
+
+    stream: Stream
+    events: list[Event]
+    first_seq: int
+    last_seq: int
+    read: int = 0  # events read from the log for it, taken or not
+
+    def cut(self, n: int) -> Batch:
+        """The first `n` events (at least one) as a batch of their own, ending at the n-th."""
+        n = max(1, n)
+        if n >= len(self.events):
+            return self
+        return Batch(self.stream, self.events[:n], self.first_seq, self.events[n - 1].seq)
+
+    def halves(self) -> tuple[Batch, Batch]:
+        """Two batches covering this one's range (for bisecting a refused batch)."""
+        mid = len(self.events) // 2
+        first = Batch(self.stream, self.events[:mid], self.first_seq, self.events[mid - 1].seq)
+        second = Batch(self.stream, self.events[mid:], first.last_seq + 1, self.last_seq)
+        return first, second
+
+
+def fit(docs: list[Any], max_bytes: int) -> tuple[str, int]:
+    """The JSON array of the first of `docs` that fit in `max_bytes` (at least one), and how
+    many those are. One `json.dumps` when all fit, which is the common case."""
+    text = json.dumps(docs, separators=(",", ":"))
+    if len(text) <= max_bytes or len(docs) <= 1:
+        return text, len(docs)
+    # ensure_ascii (the default) makes characters and bytes the same count.
+    total, n = 2, 0
+    for doc in docs:
+        size = len(json.dumps(doc, separators=(",", ":"))) + (1 if n else 0)
+        if n and total + size > max_bytes:
+            break
+        total += size
+        n += 1
+    return json.dumps(docs[:n], separators=(",", ":")), n
+
+
+def join_fit(parts: list[str], max_bytes: int) -> tuple[str, int]:
+    """The JSON array of the first of the encoded `parts` that fit in `max_bytes` (at least
+    one), and how many those are."""
+    total = 1 + sum(len(p) + 1 for p in parts)
+    n = len(parts)
+    if total > max_bytes and n > 1:
+        total, n = 1, 0
+        for part in parts:
+            if n and total + len(part) + 1 > max_bytes:
+                break
+            total += len(part) + 1
+            n += 1
+    return "[" + ",".join(parts[:n]) + "]", n
+
+
+class WireEncoder:
+    """Events as the JSON text of their wire form (README, "Upstream wire format").
+
+    ASCII only (non-ASCII is escaped), so a text's length is its size in bytes. Readings, the
+    bulk, take a fast path that writes the same text `json.dumps(event.to_wire(log_id))` would,
+    without building the dict, with sensor names and units encoded once (a bounded cache).
+    """
+
+    NAMES = 10_000
+
+    def __init__(self, log_id: str) -> None:
+        self.log_id = log_id
+        self._names: dict[str, str] = {}
+
+    def _name(self, name: str) -> str:
+        encoded = self._names.get(name)
+        if encoded is None:
+            encoded = json.dumps(name)
+            if len(self._names) < self.NAMES:
+                self._names[name] = encoded
+        return encoded
+
+    def event(self, e: Event) -> str:
+        """One event's wire JSON."""
+        value = e.value
+        if (
+            e.data is None
+            and e.raw is None
+            and e.sensor is not None
+            and value is not None
+            and isfinite(value)
+            and isfinite(e.time)
+            and isfinite(e.recv_time)
+        ):
+            unit = "" if e.unit is None else f',"unit":{self._name(e.unit)}'
+            return (
+                f'{{"id":"{self.log_id}:{e.stream}:{e.seq}","stream":"{e.stream}","seq":{e.seq},'
+                f'"kind":{self._name(e.kind)},"time":{e.time!r},"recv_time":{e.recv_time!r},'
+                f'"sensor":{self._name(e.sensor)},"value":{value!r}{unit}}}'
+            )
+        return json.dumps(e.to_wire(self.log_id), separators=(",", ":"))
+
+    def events(self, events: Iterable[Event]) -> list[str]:
+        """Each event's wire JSON."""
+        return [self.event(e) for e in events]
+
+
+def batch_body(log_id: str, agent: str, events_json: str) -> bytes:
+    """The agent's JSON batch (README, "Upstream wire format") around an encoded event array."""
+    head = f'{{"log_id":{json.dumps(log_id)},"agent":{json.dumps(agent)},"sent_at":{time.time()}'
+    return f'{head},"events":{events_json}}}'.encode()
+
+
+# --------------------------------------------------------------------------- the feed
+
+
+class Feed:
+    """An upstream's share of the log: what to send next, and its cursors.
+
+    `positions` are where reading continues (after what was sent); `acked` where the cursors
+    are (after what was acknowledged). They differ while batches are in flight; `reset` takes
+    the positions back after a failure, so the unacknowledged events are sent again.
+    Used by one task only.
+    """
+
+    def __init__(
+        self,
+        cfg: UpstreamBaseConfig,
+        consumer: str,
+        status: UpstreamStatus,
+        data_dir: Path | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.consumer = consumer
+        self.status = status
+        self.route = Route(cfg)
+        self.streams = self.route.streams
+        self.lanes = Lanes()
+        self.positions: dict[Stream, int] = {}
+        self.acked: dict[Stream, int] = {}
+        self.log: EventLog | None = None
+        self._replay_file = replay_request_path(data_dir, cfg.name) if data_dir else None
+        self._replay_checked = 0.0
+        self._last_commit: asyncio.Future[Any] | None = None
+        self._ahead: tuple[Stream, int, asyncio.Future[list[Event]]] | None = None
+
+    async def open(self, event_log: EventLog) -> None:
+        """Register the cursors and start from them (applying a replay asked for meanwhile)."""
+        self.log = event_log
+        await event_log.register(self.consumer, self.streams)
+        for s in self.streams:
+            self.positions[s] = self.acked[s] = event_log.cursor(self.consumer, s)
+        await self.take_replay(force=True)
+
+    def _log(self) -> EventLog:
+        assert self.log is not None, "open the feed first"
+        return self.log
+
+    def pending(self) -> list[Stream]:
+        """Lanes with committed events past their position, in priority order."""
+        event_log = self._log()
+        return [s for s in self.streams if event_log.head(s) > self.positions[s]]
+
+    async def next(
+        self,
+        stop: asyncio.Event,
+        *,
+        linger: bool = True,
+        wake: asyncio.Event | None = None,
+        within: float = 1.0,
+    ) -> Batch | None:
+        """The next batch, from the lane whose turn it is; None when there is nothing to send
+        within `within` seconds (or `stop` or `wake` is set meanwhile)."""
+        event_log = self._log()
+        stream = self.lanes.pick(self.pending())
+        if stream is None:
+            waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+            if wake is not None:
+                waiters.append(asyncio.ensure_future(wake.wait()))
+            if not (stop.is_set() or (wake is not None and wake.is_set())):
+                waiters.append(
+                    asyncio.ensure_future(event_log.wait_any(self.streams, self.positions, within))
+                )
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+            return None
+        after = self.positions[stream]
+        size = self.cfg.batch_size
+        events = await self._read_ahead(stream, after)
+        if events is None:
+            behind = event_log.head(stream) - after
+            if linger and self.cfg.linger > 0 and behind < size and not stop.is_set():
+                # Let a small batch fill up a little: fewer, fuller requests.
+                await event_log.wait_for(stream, after + size - 1, within=self.cfg.linger)
+            events = await event_log.read(stream, after, size)
+        if not events:
+            return None
+        if event_log.head(stream) > events[-1].seq:
+            # A backlog: read the next batch while this one is on its way (the database
+            # works in its own thread).
+            read = asyncio.ensure_future(event_log.read(stream, events[-1].seq, size))
+            self._ahead = (stream, events[-1].seq, read)
+        taken = [e for e in events if self.route.wants(e)] if self.route.selective else events
+        self.status.filtered += len(events) - len(taken)
+        return Batch(stream, taken, after + 1, events[-1].seq, read=len(events))
+
+    async def _read_ahead(self, stream: Stream, after: int) -> list[Event] | None:
+        """The batch read ahead, if it is the one wanted now (else it is dropped)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead[:2] != (stream, after):
+            ahead[2].cancel()
+            return None
+        try:
+            return await ahead[2]
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # read again in the open, where an error means something
+            return None
+
+    def sent(self, batch: Batch) -> None:
+        """`batch` is on its way: reading continues after it."""
+        self.positions[batch.stream] = max(self.positions[batch.stream], batch.last_seq)
+
+    def reset(self) -> None:
+        """Go back to the acknowledged positions: what was in flight is sent again."""
+        self.positions.update(self.acked)
+
+    async def ack(
+        self,
+        moves: Iterable[tuple[Stream, int]],
+        events: dict[Stream, list[NewEvent]] | None = None,
+    ) -> None:
+        """Move cursors (and append `events`, such as deadletter records, in the same commit).
+
+        Submitted, not awaited: the commit joins the log's next group commit while the next
+        batch is on its way. Cursors only ever move forward here.
+        """
+        updates = []
+        for stream, seq in moves:
+            if seq > self.acked[stream]:
+                self.acked[stream] = seq
+                self.positions[stream] = max(self.positions[stream], seq)
+                updates.append(CursorUpdate(self.consumer, stream, seq))
+        if updates or events:
+            self._last_commit = await self._log().submit(events=events, cursors=updates)
+
+    async def flush(self, within: float = STOP_GRACE) -> None:
+        """Wait (a bounded time) until the cursor moves submitted so far are committed."""
+        future = self._last_commit
+        if future is not None and not future.done():
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(future), within)
+
+    def replay_waiting(self) -> bool:
+        """Whether a replay request waits (looked for at most every REPLAY_POLL seconds)."""
+        path = self._replay_file
+        now = time.monotonic()
+        if path is None or now - self._replay_checked < REPLAY_POLL:
+            return False
+        self._replay_checked = now
+        return path.exists()
+
+    async def take_replay(self, *, force: bool = False) -> dict[Stream, int]:
+        """Apply a pending `edge-agent replay` request for this upstream, if there is one.
+
+        Checked at most every REPLAY_POLL seconds unless `force`. Returns the streams rewound,
+        with their new cursors; the caller forgets what it had in flight.
+        """
+        path = self._replay_file
+        now = time.monotonic()
+        if path is None or (not force and now - self._replay_checked < REPLAY_POLL):
+            return {}
+        self._replay_checked = now
+        request = read_replay_request(path)
+        if request is None:
+            return {}
+        event_log = self._log()
+        done: dict[Stream, int] = {}
+        for name, seq in request.items():
+            stream = Stream(name)
+            if stream in self.streams:
+                done[stream] = await event_log.rewind(self.consumer, stream, seq=seq)
+                self.positions[stream] = self.acked[stream] = done[stream]
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        if done:
+            self.status.replays += 1
+            log.info(
+                "upstream %s: replaying from %s",
+                self.cfg.name,
+                ", ".join(f"{s.value} seq {seq + 1}" for s, seq in done.items()),
+            )
+        return done
+
+
+# --------------------------------------------------------------------------- deadletter
+
+
+def deadletter_event(
+    upstream: str,
+    consumer: str,
+    stream: Stream,
+    seqs: tuple[int, int],
+    count: int,
+    status: int | str,
+    response: str,
+) -> NewEvent:
+    """The `deadletter` record of events (`count` of them, in the seq range `seqs` of
+    `stream`) an upstream refused for good, with its answer."""
+    now = time.time()
+    return NewEvent(
+        kind="deadletter",
+        time=now,
+        recv_time=now,
+        mono=time.monotonic(),
+        data={
+            "reason": "upstream_rejected",
+            "detail": f"{status}: {response}"[:RESPONSE_TEXT],
+            "source": consumer,
+            "upstream": upstream,
+            "status": status,
+            "response": response[:RESPONSE_TEXT],
+            "stream": stream.value,
+            "first_seq": seqs[0],
+            "last_seq": seqs[1],
+            "count": count,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def tls_context(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None, what: str
+) -> ssl.SSLContext:
+    """A client context with verification always on, TLS 1.2 at least, and the client
+    certificate when given; `UpstreamError` naming the file that cannot be used."""
+    try:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UpstreamError(f"{what}: ca_file {ca_file}: {_file_error(exc)}") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamError(
+                f"{what}: cert_file {cert_file} / key_file {key_file}: {_file_error(exc)}"
+            ) from exc
+    return context
+
+
+def describe_tls_error(exc: BaseException) -> str | None:
+    """What a refused TLS handshake means, in words that say what to check; None if `exc`
+    is not a TLS error."""
+    cause: BaseException | None = exc
+    # aiohttp wraps the ssl module's error (`certificate_error`, or as the cause).
+    while cause is not None and not hasattr(cause, "verify_code"):
+        if isinstance(cause, ssl.SSLError) and not hasattr(cause, "certificate_error"):
+            break
+        cause = getattr(cause, "certificate_error", None) or cause.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        detail = (cause.verify_message or str(cause)).rstrip(".")
+        if cause.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH
+            hint = "the server's certificate does not name the host of the url"
+        elif cause.verify_code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+            hint = "the server's certificate is out of date (or this device's clock is wrong)"
+        else:
+            hint = "is ca_file the CA that signed the server's certificate?"
+        return f"TLS: server certificate refused: {detail} ({hint})"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS handshake failed: {cause.reason or cause}"
+    return None
+
+
+def _file_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, ssl.SSLError):
+        return f"not a usable PEM file ({exc.reason or exc})"
+    return str(exc)
+
+
+# --------------------------------------------------------------------------- replay requests
+
+
+def replay_request_path(data_dir: Path, upstream: str) -> Path:
+    """Where `edge-agent replay` leaves a request for a running agent's upstream."""
+    return Path(data_dir) / "replay" / f"{upstream}.json"
+
+
+def write_replay_request(data_dir: Path, upstream: str, cursors: dict[Stream, int]) -> Path:
+    """Ask a running agent's upstream to rewind its cursors (atomically replaced)."""
+    path = replay_request_path(data_dir, upstream)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"cursors": {s.value: seq for s, seq in cursors.items()}}))
+    os.replace(tmp, path)
+    return path
+
+
+def read_replay_request(path: Path) -> dict[str, int] | None:
+    """The cursors a replay request asks for, by stream name; None when there is none."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring an unreadable replay request %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    cursors = doc.get("cursors") if isinstance(doc, dict) else None
+    if not isinstance(cursors, dict):
+        return None
+    known = {s.value for s in Stream}
+    return {
+        k: int(v)
+        for k, v in cursors.items()
+        if k in known and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    }
+
+
+# --------------------------------------------------------------------------- acks in flight
+
+
+@dataclass(slots=True)
+class Flight:
+    """A message in flight: the seq range of `stream` it accounts for."""
+
+    stream: Stream
+    first: int
+    last_seq: int
+    sent: float
+    events: int = 0
+    done: bool = False
+    refused: str | None = None  # why the receiver refused it (MQTT 5 PUBACK reason)
+
+
+@dataclass(slots=True)
+class AckWindow:
+    """Messages sent and not yet acknowledged, in the order they were sent.
+
+    A cursor may only pass an event once it and everything sent before it were acknowledged,
+    but acknowledgements can complete in any order: `acked` marks one, and `settle` pops the
+    acknowledged prefix and returns how far each stream's cursor can move. The window counts
+    from the oldest unacknowledged message, so no more than `size` messages (and therefore
+    no more than `size` MQTT packet ids, which wrap at 65,535) are ever outstanding.
+    """
+
+    size: int
+    _flights: dict[int, Flight] = field(default_factory=dict)
+    _next: int = 0
+    _oldest: int = 0
+
+    def __len__(self) -> int:
+        return self._next - self._oldest
+
+    @property
+    def full(self) -> bool:
+        """Whether sending another message would exceed the window."""
+        return self._next - self._oldest >= self.size
+
+    def add(
+        self,
+        stream: Stream,
+        last_seq: int,
+        *,
+        first: int = 0,
+        events: int = 0,
+        done: bool = False,
+    ) -> int:
+        """Record a message sent (or, `done`, a range handled without one); its ticket."""
+        ticket = self._next
+        self._flights[ticket] = Flight(stream, first, last_seq, time.monotonic(), events, done)
+        self._next += 1
+        return ticket
+
+    def acked(self, ticket: int, refused: str | None = None) -> bool:
+        """Mark a message acknowledged (or `refused`, for good); False for a ticket this
+        window does not hold (any more)."""
+        flight = self._flights.get(ticket)
+        if flight is None or flight.done:
+            return False
+        flight.done = True
+        flight.refused = refused
+        return True
+
+    def settle(self) -> tuple[dict[Stream, int], int, list[Flight]]:
+        """Pop the acknowledged prefix: the cursor each stream may move to, the number of
+        events those messages carried, and those of them that were refused."""
+        moves: dict[Stream, int] = {}
+        events = 0
+        refused = []
+        while self._oldest < self._next:
+            flight = self._flights[self._oldest]
+            if not flight.done:
+                break
+            moves[flight.stream] = max(moves.get(flight.stream, 0), flight.last_seq)
+            events += flight.events
+            if flight.refused is not None:
+                refused.append(flight)
+            del self._flights[self._oldest]
+            self._oldest += 1
+        return moves, events, refused
+
+    def oldest_age(self, now: float | None = None) -> float:
+        """Seconds the oldest unacknowledged message has waited (0 when none)."""
+        for flight in self._flights.values():
+            if not flight.done:
+                return (time.monotonic() if now is None else now) - flight.sent
+        return 0.0
+
+    def clear(self) -> None:
+        """Forget everything in flight (the connection that carried it is gone)."""
+        self._flights.clear()
+        self._oldest = self._next
