@@ -964,7 +964,11 @@ def _tag_of(model: Any) -> Any:
     return get_args(field.annotation)[0] if field is not None else None
 
 
-_TAGS = {"inputs": _tags(InputConfig), "upstreams": _tags(UpstreamConfig)}
+_TAGS = {
+    "inputs": _tags(InputConfig),
+    "upstreams": _tags(UpstreamConfig),
+    "actions": _tags(ActionConfig),
+}
 
 
 def _step(data: Any, part: str | int) -> Any:
@@ -1009,7 +1013,8 @@ def _from_validation(exc: ValidationError, data: Any, pos: _Positions) -> list[C
         elif kind == "union_tag_invalid":
             issues.append(pos.issue((*loc, "type"), msg))
         elif kind == "union_tag_not_found":
-            tags = ", ".join(_TAGS.get(str(loc[0]), ())) if loc else ""
+            section = next((p for p in reversed(loc) if isinstance(p, str)), "")
+            tags = ", ".join(_TAGS.get(section, ()))
             issues.append(pos.issue(loc, f"needs a 'type' key, one of: {tags}"))
         else:
             issues.append(pos.issue(loc, msg))

@@ -435,8 +435,22 @@ def _bad_text(bad: dict[str, int]) -> str:
 
 
 def _rule_text(rule: RuleConfig) -> str:
-    clear = "" if rule.clear_below is None else f", clears below {rule.clear_below:g}"
-    return f"{rule.name}: {rule.sensors} {rule.window} above {rule.above:g}{clear}"
+    """One line saying what a rule watches, whatever its condition."""
+    conditions = [
+        f"{name} {value}"
+        for name, value in (
+            ("above", rule.above),
+            ("below", rule.below),
+            ("outside", rule.outside),
+            ("inside", rule.inside),
+            ("no reading for", rule.stale and f"{rule.stale:g}s"),
+            ("clears below", rule.clear_below),
+            ("clears above", rule.clear_above),
+        )
+        if value is not None
+    ]
+    sensors = rule.sensors if isinstance(rule.sensors, str) else ",".join(rule.sensors)
+    return f"{rule.name}: {sensors} {rule.window or 'readings'} {', '.join(conditions)}"
 
 
 def render(plan: DemoPlan, snap: Snapshot, elapsed: float, footer: str) -> RenderableType:
