@@ -50,6 +50,7 @@ lint: $(TSTAMP)
 
 bench: $(STAMP)
 	$(PY) bench/log_append.py
+	$(PY) bench/upstream.py
 	$(PY) bench/processing.py
 
 clean:

@@ -176,6 +176,10 @@ def status(
         f"[bold]{cfg.agent.name}[/] {state} · log {logi['path']} (id {logi['log_id']})"
         f" · {used:.1f} MiB of {quota:.0f} MiB quota"
     )
+    from agent.health import status_lines
+
+    for line in status_lines(info["agent"], running=info["running"]):
+        console.print(line)
     t = Table("stream", "head seq", "oldest seq", "events", title="Streams")
     for name, s in info["streams"].items():
         t.add_row(name, str(s["head"]), str(s["oldest"] or "-"), str(s["count"]))

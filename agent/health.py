@@ -135,6 +135,9 @@ class Monitor:
         self.disk_bytes = 0
         self._written_at_start = bytes_written()
         self._writer_failing_since: float | None = None
+        # Per input, since when it has been failing to connect (InputStatus.since moves with
+        # every attempt).
+        self._down_since: dict[str, float] = {}
         self._last_commits = -1
         self._last_status = ""
         self._last_status_at = 0.0
@@ -230,6 +233,12 @@ class Monitor:
             marks = (s.sent, s.failures, s.filtered, s.deadlettered, s.batches, s.replays)
             samples[f"upstream {up.cfg.name}"] = (pending, marks, limit)
         self.stalled = self.progress.update(samples, now)
+        for name, i in agent.inputs.items():
+            failed = i.last_error_time
+            if not i.connected and failed is not None and failed >= (i.since or 0.0):
+                self._down_since.setdefault(name, failed)
+            else:
+                self._down_since.pop(name, None)
         self.disk_bytes = file_bytes(event_log.path)
         return self.stalled
 
@@ -266,11 +275,10 @@ class Monitor:
                 f"{event_log.stats.last_write_error}"
             )
         reasons.extend(self.stalled)
-        for name, s in agent.inputs.items():
-            failed = s.last_error_time
-            down = not s.connected and failed is not None and failed >= (s.since or 0.0)
-            if down and s.since is not None and now - s.since > cfg.input_down_after:
-                reasons.append(f"input {name} down for {now - s.since:.0f}s: {s.last_error}")
+        for name, since in self._down_since.items():
+            s = agent.inputs.get(name)
+            if s is not None and not s.connected and now - since > cfg.input_down_after:
+                reasons.append(f"input {name} down for {now - since:.0f}s: {s.last_error}")
         for up in agent.upstreams:
             u = up.status
             good = u.last_success or agent.started
@@ -537,3 +545,38 @@ class HealthServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# --------------------------------------------------------------------------- `status`
+
+
+def status_lines(live: dict[str, Any], *, running: bool) -> list[str]:
+    """The health, disk and clock lines `edge-agent status` prints from `status.json`."""
+    health, disk, clock = live.get("health"), live.get("disk"), live.get("clock")
+    lines = []
+    if running and isinstance(health, dict):
+        reasons = health.get("reasons") or []
+        state = "[green]ok[/]" if health.get("ok") else "[red]unhealthy[/]: " + "; ".join(reasons)
+        lines.append(f"health: {state} ({health.get('phase')})")
+    if isinstance(disk, dict):
+        parts = [f"disk: {disk['bytes'] / 2**20:.1f} MiB of {disk['quota'] / 2**20:.0f} MiB"]
+        hours = disk.get("capacity_hours")
+        if running and hours is not None:
+            parts.append(f"{hours:.1f} h of offline capacity left at the current rate")
+        per = disk.get("written_per_reading")
+        if per is not None:
+            parts.append(f"{per:.0f} bytes written per reading")
+        dropped = sum((disk.get("dropped") or {}).values())
+        parts.append(f"dropped {dropped}")
+        parts.append(f"deadletter {disk.get('deadletter', 0)}")
+        lines.append(" · ".join(parts))
+    if isinstance(clock, dict):
+        synced = {True: "yes", False: "no", None: "unknown"}[clock.get("synchronized")]
+        parts = [f"clock: NTP synchronised {synced}", f"steps {clock.get('steps', 0)}"]
+        last = clock.get("last_step")
+        if isinstance(last, dict):
+            parts.append(f"last step {last['step']:+.1f}s")
+        if live.get("boot_id"):
+            parts.append(f"boot {live['boot_id']}")
+        lines.append(" · ".join(parts))
+    return lines

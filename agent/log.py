@@ -218,25 +218,29 @@ def check_integrity(path: Path, mode: str = "quick") -> str | None:
 
 
 def move_aside(path: Path) -> Path:
-    """Rename a damaged log (and its WAL) to `<name>.corrupt-<UTC time>`; returns the new path.
-    Older moved-aside copies beyond `KEEP_CORRUPT` are deleted."""
+    """Rename a damaged log (and its WAL) to `<name>.corrupt-<UTC time>[-n]`; returns the new
+    path. Older moved-aside copies beyond `KEEP_CORRUPT` are deleted."""
+
+    def order(p: Path) -> tuple[str, int]:
+        stamp, _, n = p.name.removeprefix(f"{path.name}.corrupt-").partition("-")
+        return stamp, int(n) if n.isdigit() else 1
+
+    def moved() -> list[Path]:
+        found = path.parent.glob(f"{path.name}.corrupt-*")
+        return sorted((p for p in found if not p.name.endswith("-wal")), key=order)
+
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 1
-    while target.exists():
-        n += 1
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    same = [order(p)[1] for p in moved() if order(p)[0] == stamp]
+    # Numbered past every copy of this second, so the newest always sorts last.
+    suffix = f"-{max(same) + 1}" if same else ""
+    target = path.with_name(f"{path.name}.corrupt-{stamp}{suffix}")
     os.replace(path, target)
     wal = Path(f"{path}-wal")
     if wal.exists():
         os.replace(wal, f"{target}-wal")
     # The shared-memory index only describes the moved WAL; a new log builds its own.
     Path(f"{path}-shm").unlink(missing_ok=True)
-    # The UTC stamps sort by name in the order they were moved.
-    old = sorted(
-        p for p in path.parent.glob(f"{path.name}.corrupt-*") if not p.name.endswith("-wal")
-    )
-    for stale in old[:-KEEP_CORRUPT]:
+    for stale in moved()[:-KEEP_CORRUPT]:
         stale.unlink(missing_ok=True)
         Path(f"{stale}-wal").unlink(missing_ok=True)
     return target

@@ -171,6 +171,7 @@ class Agent:
                     consumers_stop.set()
                     for stop in self._stops.values():
                         stop.set()
+                    self._reload_wanted.set()
             self._write_status()
             log.info("stopped: log committed and closed")
 
@@ -246,13 +247,13 @@ class Agent:
         self._reload_wanted.set()
 
     async def _reload_loop(self, event_log: EventLog, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reload_wanted.wait(), 1.0)
-            if self._reload_wanted.is_set() and not self._stop.is_set():
-                self._reload_wanted.clear()
-                assert self._reload_path is not None
-                await self.reload_from(self._reload_path, event_log)
+        while True:
+            await self._reload_wanted.wait()  # also set to wake it for the shutdown
+            self._reload_wanted.clear()
+            if stop.is_set() or self._stop.is_set():
+                return
+            assert self._reload_path is not None
+            await self.reload_from(self._reload_path, event_log)
 
     async def reload_from(self, path: Path, event_log: EventLog) -> bool:
         """Load `path`; if it is invalid, keep running as before and log every problem as
@@ -267,6 +268,8 @@ class Agent:
                 for issue in exc.issues:
                     log.error("reload: %s", issue)
                 log.error("reload refused: keeping the running config (%s)", path)
+                return False
+            if self._stop.is_set():
                 return False
             await self.reload(cfg, event_log)
             return True
@@ -289,7 +292,7 @@ class Agent:
             else:
                 self.processor = Processor(cfg.processing)
                 if self.processor.enabled:
-                    stop = self._stops["processor"] = asyncio.Event()
+                    stop = self._stop_event("processor")
                     self._tasks["processor"] = self._groups["consumers"].create_task(
                         self.processor.run(event_log, stop)
                     )
@@ -322,14 +325,21 @@ class Agent:
                 ", ".join(plan.restart_needed),
             )
 
+    def _stop_event(self, key: str) -> asyncio.Event:
+        # Started by a reload that raced a SIGTERM: already told to stop.
+        stop = self._stops[key] = asyncio.Event()
+        if self._stop.is_set():
+            stop.set()
+        return stop
+
     def _start_input(self, driver: Driver, event_log: EventLog) -> None:
-        stop = self._stops[f"input:{driver.name}"] = asyncio.Event()
+        stop = self._stop_event(f"input:{driver.name}")
         self._tasks[f"input:{driver.name}"] = self._groups["inputs"].create_task(
             self._ingest(driver, event_log, stop)
         )
 
     def _start_consumer(self, consumer: Action | Upstream, event_log: EventLog) -> None:
-        stop = self._stops[consumer.consumer] = asyncio.Event()
+        stop = self._stop_event(consumer.consumer)
         self._tasks[consumer.consumer] = self._groups["consumers"].create_task(
             consumer.run(event_log, stop)
         )

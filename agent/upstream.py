@@ -231,7 +231,7 @@ def fit(docs: list[Any], max_bytes: int) -> tuple[str, int]:
 def join_fit(parts: list[str], max_bytes: int) -> tuple[str, int]:
     """The JSON array of the first of the encoded `parts` that fit in `max_bytes` (at least
     one), and how many those are."""
-    total = 1 + sum(len(p) + 1 for p in parts)
+    total = 1 + sum(map(len, parts)) + len(parts)
     n = len(parts)
     if total > max_bytes and n > 1:
         total, n = 1, 0
@@ -248,46 +248,71 @@ class WireEncoder:
 
     ASCII only (non-ASCII is escaped), so a text's length is its size in bytes. Readings, the
     bulk, take a fast path that writes the same text `json.dumps(event.to_wire(log_id))` would,
-    without building the dict, with sensor names and units encoded once (a bounded cache).
+    without building the dict: the parts that repeat (stream and kind, sensor and unit) are
+    encoded once and kept (a bounded cache), and so is the last receive time, which every
+    reading of one input batch shares. Float formatting is most of what is left.
     """
 
-    NAMES = 10_000
+    CACHED = 10_000
 
     def __init__(self, log_id: str) -> None:
         self.log_id = log_id
-        self._names: dict[str, str] = {}
+        self._heads: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self._sensors: dict[tuple[str, str | None], tuple[str, str]] = {}
+        self._time = (0.0, "0.0")
 
-    def _name(self, name: str) -> str:
-        encoded = self._names.get(name)
-        if encoded is None:
-            encoded = json.dumps(name)
-            if len(self._names) < self.NAMES:
-                self._names[name] = encoded
-        return encoded
+    def _head(self, stream: str, kind: str) -> tuple[str, str, str]:
+        parts = self._heads.get((stream, kind))
+        if parts is None:
+            parts = (
+                f'{{"id":"{self.log_id}:{stream}:',
+                f',"stream":{json.dumps(stream)},"seq":',
+                f',"kind":{json.dumps(kind)},"time":',
+            )
+            if len(self._heads) < self.CACHED:
+                self._heads[(stream, kind)] = parts
+        return parts
+
+    def _sensor(self, sensor: str, unit: str | None) -> tuple[str, str]:
+        parts = self._sensors.get((sensor, unit))
+        if parts is None:
+            parts = (
+                f',"sensor":{json.dumps(sensor)},"value":',
+                "}" if unit is None else f',"unit":{json.dumps(unit)}}}',
+            )
+            if len(self._sensors) < self.CACHED:
+                self._sensors[(sensor, unit)] = parts
+        return parts
 
     def event(self, e: Event) -> str:
         """One event's wire JSON."""
-        value = e.value
+        value, sensor = e.value, e.sensor
         if (
-            e.data is None
-            and e.raw is None
-            and e.sensor is not None
-            and value is not None
-            and isfinite(value)
-            and isfinite(e.time)
-            and isfinite(e.recv_time)
+            sensor is None
+            or value is None
+            or e.data is not None
+            or e.raw is not None
+            or not (isfinite(value) and isfinite(e.time) and isfinite(e.recv_time))
         ):
-            unit = "" if e.unit is None else f',"unit":{self._name(e.unit)}'
-            return (
-                f'{{"id":"{self.log_id}:{e.stream}:{e.seq}","stream":"{e.stream}","seq":{e.seq},'
-                f'"kind":{self._name(e.kind)},"time":{e.time!r},"recv_time":{e.recv_time!r},'
-                f'"sensor":{self._name(e.sensor)},"value":{value!r}{unit}}}'
-            )
-        return json.dumps(e.to_wire(self.log_id), separators=(",", ":"))
+            return json.dumps(e.to_wire(self.log_id), separators=(",", ":"))
+        id_, stream_seq, kind_time = self._head(e.stream, e.kind)
+        sensor_value, unit_end = self._sensor(sensor, e.unit)
+        last, text = self._time
+        recv = e.recv_time
+        if recv != last or not recv:  # 0.0 == -0.0, but they print differently
+            text = repr(recv)
+            self._time = (recv, text)
+        when = text if e.time == recv and recv else repr(e.time)
+        seq = e.seq
+        return (
+            f'{id_}{seq}"{stream_seq}{seq}{kind_time}{when},"recv_time":{text}'
+            f"{sensor_value}{value!r}{unit_end}"
+        )
 
     def events(self, events: Iterable[Event]) -> list[str]:
         """Each event's wire JSON."""
-        return [self.event(e) for e in events]
+        encode = self.event
+        return [encode(e) for e in events]
 
 
 def batch_body(log_id: str, agent: str, events_json: str) -> bytes:
@@ -380,11 +405,16 @@ class Feed:
                 await event_log.wait_for(stream, after + size - 1, within=self.cfg.linger)
             events = await event_log.read(stream, after, size)
         if not events:
+            gone = min(event_log.head(stream), event_log.tail(stream) - 1)
+            if gone > after:
+                # The disk quota dropped all of them (a gap event says so): handled.
+                return Batch(stream, [], after + 1, gone)
             return None
         if event_log.head(stream) > events[-1].seq:
             # A backlog: read the next batch while this one is on its way (the database
             # works in its own thread).
             read = asyncio.ensure_future(event_log.read(stream, events[-1].seq, size))
+            read.add_done_callback(_quiet)
             self._ahead = (stream, events[-1].seq, read)
         taken = [e for e in events if self.route.wants(e)] if self.route.selective else events
         self.status.filtered += len(events) - len(taken)
@@ -433,7 +463,11 @@ class Feed:
             self._last_commit = await self._log().submit(events=events, cursors=updates)
 
     async def flush(self, within: float = STOP_GRACE) -> None:
-        """Wait (a bounded time) until the cursor moves submitted so far are committed."""
+        """Stopping: drop what was read ahead, and wait (a bounded time) until the cursor
+        moves submitted so far are committed."""
+        if self._ahead is not None:
+            self._ahead[2].cancel()
+            self._ahead = None
         future = self._last_commit
         if future is not None and not future.done():
             with contextlib.suppress(TimeoutError, Exception):
@@ -479,6 +513,12 @@ class Feed:
                 ", ".join(f"{s.value} seq {seq + 1}" for s, seq in done.items()),
             )
         return done
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    """Retrieve a read-ahead's error (read again in the open), so none goes unretrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 # --------------------------------------------------------------------------- deadletter
@@ -544,7 +584,9 @@ def describe_tls_error(exc: BaseException) -> str | None:
     is not a TLS error."""
     cause: BaseException | None = exc
     # aiohttp wraps the ssl module's error (`certificate_error`, or as the cause).
-    while cause is not None and not hasattr(cause, "verify_code"):
+    for _ in range(8):
+        if cause is None or hasattr(cause, "verify_code"):
+            break
         if isinstance(cause, ssl.SSLError) and not hasattr(cause, "certificate_error"):
             break
         cause = getattr(cause, "certificate_error", None) or cause.__cause__
@@ -641,9 +683,15 @@ class AckWindow:
     _flights: dict[int, Flight] = field(default_factory=dict)
     _next: int = 0
     _oldest: int = 0
+    _settled: int = 0
 
     def __len__(self) -> int:
         return self._next - self._oldest
+
+    @property
+    def settled_messages(self) -> int:
+        """Messages carrying events acknowledged so far (popped by `settle`)."""
+        return self._settled
 
     @property
     def full(self) -> bool:
@@ -689,6 +737,8 @@ class AckWindow:
             events += flight.events
             if flight.refused is not None:
                 refused.append(flight)
+            if flight.events:
+                self._settled += 1
             del self._flights[self._oldest]
             self._oldest += 1
         return moves, events, refused

@@ -267,9 +267,9 @@ class MqttUpstream:
                 )
         await self.feed.ack(moves.items(), {Stream.DEADLETTER: records} if records else None)
         sent = events - sum(f.events for f in refused)
+        self.status.batches = self._window.settled_messages
         if sent:
             self.status.sent += sent
-            self.status.batches += 1
             self.status.last_success = time.time()
         self._backoff.reset()
 
@@ -428,12 +428,19 @@ class _Link:
         client = self._new_client()
         loop = asyncio.get_running_loop()
         connecting = loop.run_in_executor(None, self._connect, client)
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.shield(connecting)
-        except asyncio.CancelledError:
-            # The thread goes on; whatever socket it ends with is closed, never used.
-            connecting.add_done_callback(lambda _: _close_socket(client))
-            raise
+            await asyncio.wait([connecting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not connecting.done():
+                # Stopping, or cancelled: the thread goes on (a connect is bounded by
+                # connect_timeout); whatever socket it ends with is closed, never used.
+                connecting.add_done_callback(lambda _: _close_socket(client))
+        if not connecting.done():
+            return
+        try:
+            connecting.result()
         except (OSError, ValueError) as exc:
             raise UpstreamError(f"cannot connect to {self.where}: {self._why(exc)}") from exc
         self._client = client

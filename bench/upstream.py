@@ -246,7 +246,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     try:
         cfg = MqttUpstreamConfig(
             type="mqtt",
-            name="bench",
+            name="bench-mqtt",
             url=f"mqtt://127.0.0.1:{port}",
             streams=["readings"],
             batch_size=args.batch,
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     try:
         http_cfg = HttpUpstreamConfig(
             type="http",
-            name="bench",
+            name="bench-http",
             url=f"{url}/ingest",
             streams=["readings"],
             batch_size=args.batch,
@@ -350,7 +350,8 @@ def print_table(out: dict[str, Any]) -> None:
     print("targets")
     for key, rate in targets:
         print(
-            f"  {key} >= {TARGET_RATE:,.0f} readings/s  {rate:>12,.0f}   {_mark(rate >= TARGET_RATE)}"
+            f"  {key} >= {TARGET_RATE:,.0f} readings/s  {rate:>12,.0f}   "
+            + _mark(rate >= TARGET_RATE)
         )
     drain = out["mqtt"]["agent"]["seconds"] * 1_000_000 / c["readings"]
     print(

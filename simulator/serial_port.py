@@ -55,6 +55,7 @@ class VirtualSerialPort:
         self._master: int | None = None
         self._slave: int | None = None
         self._path: str | None = None
+        self._settings: list[object] = []
 
     @property
     def path(self) -> str:
@@ -91,6 +92,7 @@ class VirtualSerialPort:
             os.close(slave)
             raise PortError(f"cannot set up the pty: {e}") from e
         self._master, self._slave, self._path = master, slave, path
+        self._settings = self.settings()  # as set up here, before any reader changes them
         return path
 
     def close(self) -> None:
@@ -133,11 +135,12 @@ class VirtualSerialPort:
         is visible here. A reader that leaves the settings alone (`cat`) is never noticed.
         """
         # Polled: there is no wake-up for "the terminal settings changed" either.
-        initial = self.settings()
         while True:
-            if self.settings() != initial:
-                return
+            if self.settings() != self._settings:
+                break
             await asyncio.sleep(interval)
+        # pyserial flushes the port's input right after setting it up: let that happen first.
+        await asyncio.sleep(0.1)
 
     def pending(self) -> int:
         """Bytes written but not yet read from the slave side."""

@@ -56,7 +56,7 @@ def agent_events(db: Path) -> list[tuple[str, dict[str, Any]]]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         rows = conn.execute("SELECT kind, data FROM events WHERE stream=4 ORDER BY seq").fetchall()
-    except sqlite3.OperationalError:
+    except sqlite3.DatabaseError:  # not created yet, or the garbage before recovery
         return []
     finally:
         conn.close()
@@ -71,7 +71,7 @@ def count(db: Path, stream: int) -> int:
         return int(
             conn.execute("SELECT count(*) FROM events WHERE stream=?", (stream,)).fetchone()[0]
         )
-    except sqlite3.OperationalError:
+    except sqlite3.DatabaseError:  # not created yet, or the garbage before recovery
         return 0
     finally:
         conn.close()
@@ -232,3 +232,74 @@ upstreams:
         notify.close()
     assert code == 0, agent.stderr
     assert "Traceback" not in agent.stderr
+
+
+# --------------------------------------------------------------------------- a corrupt log
+
+
+def test_a_garbage_log_is_moved_aside_and_a_fresh_one_started(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    garbage = b"this is not a database, it is what a dying SD card returns\n" * 200
+    (data / "events.db").write_bytes(garbage)
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"""
+agent: {{name: corrupt, data_dir: {data}}}
+inputs:
+  - {{type: simulated, name: sim, rate: 200, sensors: [{{name: t1}}]}}
+""")
+    agent = Agent(config)
+    db = data / "events.db"
+    try:
+        wait_until(lambda: count(db, 1) > 10, 20, "readings in a fresh log")
+    finally:
+        code = agent.stop()
+    assert code == 0, agent.stderr
+    (moved,) = data.glob("events.db.corrupt-*")
+    assert moved.read_bytes() == garbage
+    kinds = agent_events(db)
+    assert [k for k, _ in kinds[:2]] == ["agent.started", "log.recovered"]
+    assert kinds[1][1]["moved_to"] == str(moved)
+    assert "file is not a database" in kinds[1][1]["reason"]
+    assert f"moved it to {moved} and started a new log" in agent.stderr
+    assert "Traceback" not in agent.stderr
+
+
+# --------------------------------------------------------------------------- reload planning
+
+
+def test_a_reload_plan_applies_what_it_can_and_keeps_the_rest() -> None:
+    from agent.config import AgentConfig
+    from agent.reload import plan_reload
+
+    sim = {"type": "simulated", "name": "a", "rate": 1, "sensors": [{"name": "t"}]}
+    http = {"type": "http", "name": "c", "url": "http://x/i"}
+    old = AgentConfig.model_validate(
+        {"agent": {"name": "one", "data_dir": "/d1"}, "inputs": [sim], "upstreams": [http]}
+    )
+    new = AgentConfig.model_validate(
+        {
+            "agent": {"name": "two", "data_dir": "/d2", "log_level": "debug"},
+            "log": {"quota": "1MiB", "max_age": "1d"},
+            "inputs": [sim, sim | {"name": "b"}],
+            "upstreams": [http | {"url": "http://y/i"}],
+            "health": {"listen": "127.0.0.1:9108", "stall_after": "2m"},
+        }
+    )
+    plan = plan_reload(old, new)
+    assert plan.restart_needed == [
+        "agent.name",
+        "agent.data_dir",
+        "log.quota",
+        "log.max_age",
+        "health.listen",
+    ]
+    assert plan.cfg.agent.name == "one" and str(plan.cfg.agent.data_dir) == "/d1"
+    assert plan.cfg.agent.log_level == "debug", "applied live"
+    assert plan.cfg.log == old.log and plan.cfg.health.listen is None
+    assert plan.cfg.health.stall_after == 120.0
+    assert (plan.stop_inputs, plan.start_inputs) == ([], ["b"])
+    assert (plan.stop_consumers, plan.start_upstreams) == (["upstream:c"], ["c"])
+    assert not plan.processing
+    assert plan.changes == ["input b started", "upstream:c restarted"]
+    assert plan_reload(old, old).changes == [] and plan_reload(old, old).restart_needed == []

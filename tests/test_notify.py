@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -193,10 +194,10 @@ async def test_watchdog_is_withheld_while_the_log_writer_is_stuck(tmp_path: Path
         assert event_log is not None
         await eventually(lambda: len(notify.having("WATCHDOG")) >= 3, what="pings")
 
-        async def stuck(batch: list[object]) -> None:
+        async def stuck(batch: list[Any]) -> None:
             # An SD card that stopped answering: the commit neither returns nor fails.
             await release.wait()
-            await EventLog._commit(event_log, batch)  # type: ignore[arg-type]
+            await EventLog._commit(event_log, batch)
 
         event_log._commit = stuck  # type: ignore[method-assign]
         await eventually(lambda: bool(agent.monitor.stalled), what="the stall to be seen")

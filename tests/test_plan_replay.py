@@ -59,9 +59,10 @@ def test_since_reads_durations_ago_iso_8601_and_epoch_seconds() -> None:
     assert parse_since("90m", now) == now - 5400
     assert parse_since("1d ago", now) == now - 86400
     assert parse_since("1764170000", now) == 1764170000.0
-    assert parse_since("2026-11-26T13:00:00Z", now) == datetime.datetime(
-        2026, 11, 26, 13, tzinfo=datetime.UTC
-    ).timestamp()
+    assert (
+        parse_since("2026-11-26T13:00:00Z", now)
+        == datetime.datetime(2026, 11, 26, 13, tzinfo=datetime.UTC).timestamp()
+    )
     local = datetime.datetime(2026, 11, 26, 13, 0)
     assert parse_since("2026-11-26T13:00", now) == local.timestamp()
     with pytest.raises(ValueError, match="is not a time"):

@@ -143,8 +143,8 @@ def test_unit_is_a_notify_service_with_a_watchdog_and_serial_access() -> None:
         "MemoryDenyWriteExecute": ["yes"],
         "RestrictAddressFamilies": ["AF_UNIX AF_INET AF_INET6"],
     }
-    for key, value in expected.items():
-        assert settings.get(key) == value, key
+    for key, values in expected.items():
+        assert settings.get(key) == values, key
     assert settings["WatchdogSec"] and settings["StateDirectory"] == ["edge-agent"]
     assert "char-ttyUSB rw" in settings["DeviceAllow"]
     assert "char-ttyAMA rw" in settings["DeviceAllow"]
@@ -164,14 +164,14 @@ def test_credentials_fill_in_what_the_environment_does_not(
     with pytest.raises(ConfigError, match="LoadCredential=EDGE_CLOUD_TOKEN"):
         parse_config(text)
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    assert parse_config(text).upstreams[0].token == "s3cret"  # type: ignore[union-attr]
+    assert parse_config(text).upstreams[0].token == "s3cret"
     monkeypatch.setenv("EDGE_CLOUD_TOKEN", "from-env")  # the environment comes first
-    assert parse_config(text).upstreams[0].token == "from-env"  # type: ignore[union-attr]
+    assert parse_config(text).upstreams[0].token == "from-env"
     key = parse_config(
         "upstreams:\n  - {type: http, name: c, url: 'https://x/i', cert_file: /c.pem,"
         " key_file: '${CREDENTIALS_DIRECTORY}/client.key'}\n"
     ).upstreams[0]
-    assert key.key_file == creds / "client.key"  # type: ignore[union-attr]
+    assert key.key_file == creds / "client.key"
 
 
 def test_a_key_file_others_can_read_is_refused_at_start(tmp_path: Path) -> None:

@@ -6,22 +6,23 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
-import gzip
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from agent.config import HttpUpstreamConfig, LogConfig
-from agent.events import NewEvent, Reading, Rejected, Stream
+from agent.config import ConfigError, HttpUpstreamConfig, LogConfig, parse_config
+from agent.events import Event, NewEvent, Reading, Rejected, Stream
 from agent.log import EventLog
-from agent.upstream import Upstream
+from agent.upstream import Upstream, WireEncoder
 from agent.upstream_http import HttpUpstream, parse_retry_after
 from simulator.cloud import CloudServer, CloudStore
 from tests.conftest import eventually, free_port
@@ -53,7 +54,9 @@ async def fill(log: EventLog, readings: int, sensor: str = "t", start: float = 0
 async def alert(log: EventLog, sensor: str, severity: str, kind: str = "alert.raised") -> None:
     now = time.time()
     data = {"alert_id": f"r:{sensor}:1", "rule": "r", "severity": severity}
-    await log.append(events={Stream.ALERTS: [NewEvent(kind, now, now, 0.0, sensor, 1.0, None, data)]})
+    await log.append(
+        events={Stream.ALERTS: [NewEvent(kind, now, now, 0.0, sensor, 1.0, None, data)]}
+    )
 
 
 class Running:
@@ -256,6 +259,25 @@ async def test_a_wrong_token_is_retried_not_deadlettered(tmp_path: Path) -> None
         assert log.cursor(up.consumer, Stream.READINGS) == 0
         assert log.head(Stream.DEADLETTER) == 0
         assert (up.status.last_error or "").startswith("HTTP 401 (check the token)")
+
+
+async def test_events_dropped_before_they_were_sent_are_passed_over(tmp_path: Path) -> None:
+    """Every reading aged out before the upstream got to them: the cursor moves past the
+    hole (the gap event that says so goes up) instead of waiting for events that are gone."""
+    async with (
+        Endpoint() as endpoint,
+        EventLog.open(tmp_path / "e.db", LogConfig(commit_interval=0, max_age=60)) as log,
+    ):
+        old = time.time() - 3600
+        await log.append([Reading("t", float(i), None, old, old, 0.0, "x") for i in range(50)])
+        up = upstream(endpoint.url, name="late")
+        await log.register(up.consumer, up.streams)
+        await log.enforce_retention()
+        assert log.tail(Stream.READINGS) == 51
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="the hole passed over")
+        log_id = log.log_id
+    assert endpoint.ids == {f"{log_id}:agent:1"}
 
 
 # --------------------------------------------------------------------------- refusals
@@ -482,3 +504,58 @@ async def test_https_refuses_what_it_cannot_trust_and_keeps_everything(
         assert len(await log.read(Stream.READINGS, 0)) == 10
     assert expected in (up.status.last_error or ""), up.status.last_error
     assert not endpoint.ids
+
+
+# --------------------------------------------------------------------------- the wire
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seq=st.integers(min_value=1, max_value=2**62),
+    sensor=st.text(max_size=12),
+    unit=st.none() | st.text(max_size=4),
+    value=st.floats(allow_nan=False, allow_infinity=False),
+    times=st.tuples(st.floats(allow_nan=False), st.floats(allow_nan=False)),
+)
+def test_the_fast_encoder_writes_what_json_dumps_writes(
+    seq: int, sensor: str, unit: str | None, value: float, times: tuple[float, float]
+) -> None:
+    encoder = WireEncoder("3e1a48afd96a")
+    for time_, recv in (times, (times[1], times[1]), (-0.0, 0.0), (0.0, -0.0)):
+        event = Event("readings", seq, "reading", time_, recv, 0.0, sensor, value, unit)
+        expected = json.dumps(event.to_wire("3e1a48afd96a"), separators=(",", ":"))
+        assert encoder.event(event) == expected
+        assert encoder.event(event).isascii()
+
+
+def test_config_errors_of_upstreams_name_the_field() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            "inputs:\n"
+            "  - {type: mqtt, name: lan, client_id: pi-out}\n"
+            "upstreams:\n"
+            "  - {type: http, name: a, url: 'http://x/i', ca_file: /ca.pem}\n"
+            "  - {type: mqtt, name: b, url: 'mqtt://h', topic: 'x/{sensor}'}\n"
+            "  - {type: mqtt, name: c, url: 'mqtt://h', token: t, username: u}\n"
+            "  - {type: http, name: 'd e', url: 'https://x/i', sensors: [], retry_status: [503]}\n"
+            "  - {type: http, name: f, url: 'https://x/i', max_inflight: 3}\n"
+        )
+    messages = [f"{i.path}: {i.message}" for i in err.value.issues]
+    assert messages[:6] == [
+        "upstreams[0]: ca_file is a TLS option: the url must start with https://",
+        "upstreams[1]: topic: format batch has no {sensor} (it has {agent}, {log_id}, {stream})",
+        "upstreams[2]: token is sent as the username: give token or username/password",
+        "upstreams[3].name: name may use letters, digits, '_', '.' and '-' (not first)",
+        'upstreams[3].sensors: cannot be empty (leave it out, or write "*", for all sensors)',
+        "upstreams[3].retry_status: 503 is not a 4xx status (5xx are always retried)",
+    ]
+    assert messages[6].startswith("upstreams[4].max_inflight: unknown key (known keys: name,")
+    with pytest.raises(ConfigError) as err:
+        parse_config(
+            "inputs:\n"
+            "  - {type: mqtt, name: lan, client_id: pi-out}\n"
+            "upstreams:\n"
+            "  - {type: mqtt, name: out, url: 'mqtt://h', client_id: pi-out}\n"
+        )
+    (issue,) = err.value.issues
+    assert issue.path == "upstreams[0].client_id" and "also used by input 'lan'" in issue.message

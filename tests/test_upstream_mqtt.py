@@ -139,7 +139,9 @@ def test_the_window_never_holds_more_than_its_size_whatever_the_ack_order() -> N
 # --------------------------------------------------------------------------- formats
 
 
-async def test_batches_arrive_acknowledged_with_alerts_first(tmp_path: Path, broker: Broker) -> None:
+async def test_batches_arrive_acknowledged_with_alerts_first(
+    tmp_path: Path, broker: Broker
+) -> None:
     prefix = f"up-{tmp_path.name}"
     sub = MqttSubscription(broker.url, (f"{prefix}/#",))
     async with (
@@ -408,8 +410,11 @@ async def test_a_refused_login_says_so(tmp_path: Path, make_broker: Callable[...
 
     passwords = tmp_path / "passwd"
     passwords.write_text("")
-    subprocess.run(
-        ["mosquitto_passwd", "-b", str(passwords), "edge", "right"], check=True, timeout=10
+    await asyncio.to_thread(
+        subprocess.run,
+        ["mosquitto_passwd", "-b", str(passwords), "edge", "right"],
+        check=True,
+        timeout=10,
     )
     passwords.chmod(0o644)
     b = make_broker(extra=f"password_file {passwords}\n")
@@ -424,3 +429,37 @@ async def test_a_refused_login_says_so(tmp_path: Path, make_broker: Callable[...
             await eventually(caught_up(log, right), what="the right login to deliver")
             await eventually(lambda: wrong.status.failures >= 1, what="the wrong one refused")
     assert "refused the connection: Not authorized" in (wrong.status.last_error or "")
+
+
+async def test_a_puback_refusal_dead_letters_the_message_and_moves_on(
+    tmp_path: Path, make_broker: Callable[..., Broker]
+) -> None:
+    """MQTT 5: a broker that refuses a publish (here: its ACL) says so in the PUBACK; the
+    message's events are recorded in `deadletter` and the cursor moves past them."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic write allowed/#\n")
+    b = make_broker(extra=f"acl_file {acl}\n")
+    async with EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 20)
+        up = mqtt_upstream(
+            b.url, protocol=5, batch_size=10, topic="denied/{stream}", streams=["readings"]
+        )
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="the refusals handled")
+            await eventually(lambda: log.head(Stream.DEADLETTER) == 2, what="2 records")
+        records = await log.read(Stream.DEADLETTER, 0)
+    assert [(r.data or {}).get("first_seq") for r in records] == [1, 11]
+    (data,) = {
+        json.dumps({k: v for k, v in (r.data or {}).items() if "seq" not in k}) for r in records
+    }
+    assert json.loads(data) == {
+        "reason": "upstream_rejected",
+        "detail": "PUBACK: Not authorized",
+        "source": "upstream:m",
+        "upstream": "m",
+        "status": "PUBACK",
+        "response": "Not authorized",
+        "stream": "readings",
+        "count": 10,
+    }
+    assert up.status.deadlettered == 20 and up.status.sent == 0

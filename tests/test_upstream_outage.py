@@ -71,9 +71,7 @@ def log_ids(path: Path) -> tuple[str, set[str]]:
 
 def caught_up(agent: Agent) -> bool:
     log = agent.log
-    return log is not None and all(
-        log.cursor("upstream:cloud", s) == log.head(s) for s in Stream
-    )
+    return log is not None and all(log.cursor("upstream:cloud", s) == log.head(s) for s in Stream)
 
 
 async def run_agent(agent: Agent) -> asyncio.Task[None]:
@@ -108,7 +106,7 @@ async def test_an_outage_loses_nothing_repeats_nothing_and_alerts_go_first(
             agent.stop()
             await asyncio.wait_for(task, 15)
         injected = cloud.injected.as_dict()
-    log_id, ids = log_ids(cfg.log_path)
+    _, ids = log_ids(cfg.log_path)
     with CloudStore(tmp_path / "cloud.db") as store:
         assert store.event_ids() == ids, "nothing lost, nothing extra"
         assert store.count() == len(ids)
@@ -151,7 +149,7 @@ async def test_a_full_disk_drops_the_oldest_readings_and_the_gap_reaches_the_clo
         finally:
             agent.stop()
             await asyncio.wait_for(task, 15)
-    log_id, ids = log_ids(cfg.log_path)
+    _, ids = log_ids(cfg.log_path)
     with CloudStore(tmp_path / "cloud.db") as store:
         assert store.event_ids() == ids
         gaps = [e["data"] for e in store.events("agent") if e["kind"] == "gap"]
