@@ -17,15 +17,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
-from agent.config import (
-    ConfigError,
-    ConfigIssue,
-    _build,
-    _model_at,
-    _Positions,
-    _strip_union_tags,
-)
 from agent.units import ByteSize, Duration, StrictModel, parse_duration
+from agent.yamlconfig import ConfigIssue, Positions, parse_yaml, read_yaml_text
 from simulator.signals import (
     ClockStep,
     DeviceClock,
@@ -316,7 +309,6 @@ OutputConfig = Annotated[
     Union[SerialOutputConfig, MqttOutputConfig, StdoutOutputConfig],  # noqa: UP007
     Field(discriminator="type"),
 ]
-OUTPUT_TYPES = ("serial", "mqtt", "stdout")
 
 
 # --------------------------------------------------------------------------- the profile
@@ -396,30 +388,7 @@ def build_timeline(faults: FaultsConfig) -> Timeline:
 # --------------------------------------------------------------------------- loading
 
 
-def _issues(exc: ValidationError, data: Any, pos: _Positions) -> list[ConfigIssue]:
-    issues = []
-    for err in exc.errors():
-        loc = _strip_union_tags(tuple(err["loc"]), data)
-        kind = err["type"]
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if kind == "extra_forbidden":
-            model = _model_at(Profile, loc[:-1], data)
-            known = list(getattr(model, "model_fields", {}))
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-            issues.append(pos.issue(loc, f"unknown key ({hint})", key=True))
-        elif kind == "missing":
-            issues.append(pos.issue(loc, "required field is missing"))
-        elif kind == "union_tag_invalid":
-            issues.append(pos.issue((*loc, "type"), msg))
-        elif kind == "union_tag_not_found":
-            issues.append(pos.issue(loc, f"needs a 'type' key, one of: {', '.join(OUTPUT_TYPES)}"))
-        else:
-            issues.append(pos.issue(loc, msg))
-    return issues
-
-
-def _cross_checks(profile: Profile, pos: _Positions) -> list[ConfigIssue]:
+def _cross_checks(profile: Profile, pos: Positions) -> list[ConfigIssue]:
     issues = []
     seen: set[str] = set()
     for i, sensor in enumerate(profile.sensors):
@@ -431,39 +400,13 @@ def _cross_checks(profile: Profile, pos: _Positions) -> list[ConfigIssue]:
 
 def parse_profile(text: str, file: str = "<profile>") -> Profile:
     """Validate profile text; raise ConfigError with every problem found."""
-    pos = _Positions(file)
-    issues: list[ConfigIssue] = []
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        problem = f"not valid YAML: {exc.problem}"
-        raise ConfigError([ConfigIssue(file, line, col, "", problem)]) from exc
-    data = {} if root is None else _build(root, (), pos, issues)
-    if not isinstance(data, dict):
-        raise ConfigError([pos.issue((), "the file must be a mapping (seed, rate, sensors, ...)")])
-    try:
-        profile = Profile.model_validate(data)
-    except ValidationError as exc:
-        issues.extend(_issues(exc, data, pos))
-        raise ConfigError(sorted(issues, key=lambda i: (i.line, i.column))) from None
-    issues.extend(_cross_checks(profile, pos))
-    if issues:
-        raise ConfigError(sorted(issues, key=lambda i: (i.line, i.column)))
-    return profile
+    shape = "the file must be a mapping (seed, rate, sensors, ...)"
+    return parse_yaml(text, file, Profile, _cross_checks, shape=shape)
 
 
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(str(p), 0, 0, "", f"cannot read: {exc.strerror}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigIssue(str(p), 0, 0, "", "not UTF-8 text")]) from None
-    return parse_profile(text, str(p))
+    return parse_profile(read_yaml_text(path), str(path))
 
 
 # --------------------------------------------------------------------------- --fault options
