@@ -33,6 +33,9 @@ class AgentSection(StrictModel):
     # A wall clock that jumps by more than this against the monotonic clock (no RTC on a Pi,
     # NTP sync after boot) is recorded as a `clock_step` event.
     clock_step: Duration = Field(default=2.0, gt=0)
+    # After such a step, events received before it in this run and not yet sent upstream are
+    # sent re-dated onto the new clock (the log keeps them as received; see agent/clock.py).
+    correct_times: bool = True
 
 
 class LogConfig(StrictModel):

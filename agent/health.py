@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from agent.clock import ClockWatch, boot_id
+from agent.clock import CORRECTIONS, ClockWatch, boot_id
 from agent.events import Stream
 from agent.notify import Notifier
 
@@ -186,6 +186,7 @@ class Monitor:
                         step.new_offset,
                     )
                     await self.agent._record(event_log, "clock_step", **step.data())
+                    CORRECTIONS.add(step)
                 self.sample(event_log, now)
                 if watchdog is not None:
                     self._watchdog()

@@ -22,6 +22,7 @@ from typing import Any
 from agent import __version__
 from agent.actions import Action, build_action
 from agent.backoff import Backoff
+from agent.clock import CORRECTIONS
 from agent.config import AgentConfig
 from agent.events import NewEvent, Reading, Rejected, Stream
 from agent.health import Monitor
@@ -117,6 +118,12 @@ class Agent:
         self.monitor.notifier.status("starting: checking and opening the log")
         async with EventLog.open(self.cfg.log_path, self.cfg.log) as event_log:
             self.log = event_log
+            # Before any input runs: what this run commits is what its clock steps apply to.
+            CORRECTIONS.start(
+                {s: event_log.head(s) + 1 for s in Stream},
+                self.cfg.agent.correct_times,
+                self.cfg.agent.clock_step,
+            )
             await self._record(
                 event_log,
                 "agent.started",
@@ -285,7 +292,8 @@ class Agent:
             await self._stop_task(key)
         self.cfg = cfg = plan.cfg
         logging.getLogger().setLevel(cfg.agent.log_level.upper())
-        self.monitor.clock.threshold = cfg.agent.clock_step
+        self.monitor.clock.threshold = CORRECTIONS.tolerance = cfg.agent.clock_step
+        CORRECTIONS.enabled = cfg.agent.correct_times
         if plan.processing:
             if "processor" in self._tasks:
                 self.processor.reload(cfg.processing)

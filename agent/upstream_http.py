@@ -57,7 +57,7 @@ BISECT_STATUS = frozenset({400, 413, 422})
 #: Room kept in `max_bytes` for the batch's envelope around its events.
 ENVELOPE = 256
 #: Bodies larger than this are compressed off the event loop.
-GZIP_INLINE = 256 * 1024
+GZIP_INLINE = 32 * 1024
 
 
 class Refused(Exception):

@@ -229,7 +229,11 @@ class MqttUpstream:
         ticket = self._window.add(
             message.stream, message.last_seq, first=message.first_seq, events=message.events
         )
-        mid = link.publish(message.topic, message.payload)
+        try:
+            mid = link.publish(message.topic, message.payload)
+        except ValueError as exc:  # a topic or payload MQTT cannot carry: never will
+            self._window.acked(ticket, f"cannot publish: {exc}")
+            return
         self._tickets[mid] = ticket
         inflight = len(self._window)
         self.status.inflight = inflight
@@ -242,11 +246,12 @@ class MqttUpstream:
             return
         records = []
         for flight in refused:
+            local = (flight.refused or "").startswith("cannot publish")
             self.status.deadlettered += flight.events
-            self.status.last_error = f"PUBACK refused: {flight.refused} (dead-lettered)"
+            self.status.last_error = f"refused: {flight.refused} (dead-lettered)"
             self.status.last_error_time = time.time()
             log.error(
-                "upstream %s: the broker refused %s seq %d..%d: %s",
+                "upstream %s: refused for good: %s seq %d..%d: %s",
                 self.cfg.name,
                 flight.stream.value,
                 flight.first,
@@ -261,7 +266,7 @@ class MqttUpstream:
                         flight.stream,
                         (flight.first, flight.last_seq),
                         flight.events,
-                        "PUBACK",
+                        "publish" if local else "PUBACK",
                         flight.refused or "",
                     )
                 )

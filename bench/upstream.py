@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import paho.mqtt
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -309,7 +310,7 @@ def _machine(tmp: Path) -> dict[str, Any]:
         "nproc": cores,
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
-        "paho": getattr(mqtt, "__version__", "?"),
+        "paho": paho.mqtt.__version__,
         "aiohttp": aiohttp.__version__,
         "mosquitto": version[0] if version else "?",
         "tmp_dir": str(tmp),

@@ -18,7 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config import LogConfig, MqttUpstreamConfig
 from agent.events import Event, NewEvent, Stream
 from agent.log import EventLog
-from agent.upstream import AckWindow
+from agent.upstream import AckWindow, write_replay_request
 from agent.upstream_mqtt import MqttUpstream, _Link, thingsboard_entry
 from simulator.cloud import CloudServer, CloudStore, MqttSubscription
 from tests.conftest import Broker, TlsBroker, eventually
@@ -463,3 +463,40 @@ async def test_a_puback_refusal_dead_letters_the_message_and_moves_on(
         "count": 10,
     }
     assert up.status.deadlettered == 20 and up.status.sent == 0
+
+
+async def test_a_replay_request_is_applied_between_acknowledgements(
+    tmp_path: Path, broker: Broker, collect: Callable[[str], Collector]
+) -> None:
+    prefix = f"rp-{tmp_path.name}"
+    sink = collect(f"{prefix}/#")
+    async with EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 100)
+        cfg = mqtt_upstream(broker.url, format="event", topic=prefix + "/{stream}").cfg
+        up = MqttUpstream(cfg, "pi-1", data_dir=tmp_path)
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="the first delivery")
+            write_replay_request(tmp_path, "m", {Stream.READINGS: 60})
+            await eventually(lambda: up.status.replays == 1, what="the request taken")
+            await eventually(caught_up(log, up), what="the replay delivered")
+            await eventually(lambda: len(sink.take()) == 140, what="140 messages")
+        log_id = log.log_id
+    ids = wire_ids(sink.take())
+    assert ids[100:] == [f"{log_id}:readings:{i}" for i in range(61, 101)]
+    assert not (tmp_path / "replay" / "m.json").exists()
+
+
+async def test_a_message_mqtt_cannot_carry_is_dead_lettered_not_retried(
+    tmp_path: Path, broker: Broker
+) -> None:
+    async with EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 1, sensor="x" * 70_000)  # a topic level longer than MQTT allows
+        await fill(log, 2, sensor="fine")
+        up = mqtt_upstream(broker.url, format="event", topic=f"big-{tmp_path.name}/{{sensor}}")
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="handled")
+        (record,) = await log.read(Stream.DEADLETTER, 0)
+    assert record.data is not None and record.data["status"] == "publish"
+    assert record.data["detail"] == "publish: cannot publish: Publish topic is too long."
+    assert (record.data["first_seq"], record.data["last_seq"]) == (1, 1)
+    assert up.status.sent == 2 + 1  # the readings, and the record itself
