@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/log_append.py
 	$(PY) bench/upstream.py
 	$(PY) bench/processing.py
+	$(PY) bench/soak.py --minutes 1  # the full run: --minutes 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -30,6 +30,7 @@ from math import isfinite
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.clock import CORRECTIONS
 from agent.config import UpstreamBaseConfig, UpstreamConfig
 from agent.events import LANES, Event, NewEvent, Stream
 from agent.log import CursorUpdate, EventLog
@@ -418,6 +419,8 @@ class Feed:
             self._ahead = (stream, events[-1].seq, read)
         taken = [e for e in events if self.route.wants(e)] if self.route.selective else events
         self.status.filtered += len(events) - len(taken)
+        # Events received before an NTP step in this run go out re-dated (every format).
+        taken = [CORRECTIONS.apply(e) for e in taken] if CORRECTIONS.active else taken
         return Batch(stream, taken, after + 1, events[-1].seq, read=len(events))
 
     async def _read_ahead(self, stream: Stream, after: int) -> list[Event] | None:
