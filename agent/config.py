@@ -502,11 +502,23 @@ class RuleConfig(StrictModel):
         return self
 
 
-class MqttActionConfig(StrictModel):
+class ActionBaseConfig(StrictModel):
+    """What every action has: which alerts it takes, and how it retries a failure."""
+
+    name: str
+    timeout: Duration = 10.0
+    rules: list[str] = ["*"]
+    severities: list[Literal["info", "warning", "critical"]] = ["info", "warning", "critical"]
+    kinds: list[Literal["raised", "cleared"]] = ["raised", "cleared"]
+    max_attempts: int = Field(default=10, ge=0)
+    backoff_initial: Duration = 0.5
+    backoff_max: Duration = 60.0
+
+
+class MqttActionConfig(ActionBaseConfig):
     """Publish each alert to a local MQTT broker (QoS 1; done once the broker's PUBACK came)."""
 
     type: Literal["mqtt"]
-    name: str
     url: str = "mqtt://127.0.0.1:1883"
     topic: str  # may use {rule}, {sensor}, {severity}, {kind}, {alert_id}
     payload_raised: str | None = None  # default: the alert as JSON; may use the same fields
@@ -519,13 +531,6 @@ class MqttActionConfig(StrictModel):
     cert_file: Path | None = None
     key_file: Path | None = None
     keepalive: Duration = 30.0
-    timeout: Duration = 10.0
-    rules: list[str] = ["*"]
-    severities: list[Literal["info", "warning", "critical"]] = ["info", "warning", "critical"]
-    kinds: list[Literal["raised", "cleared"]] = ["raised", "cleared"]
-    max_attempts: int = Field(default=10, ge=0)
-    backoff_initial: Duration = 0.5
-    backoff_max: Duration = 60.0
 
     @field_validator("url")
     @classmethod
@@ -535,20 +540,12 @@ class MqttActionConfig(StrictModel):
         return url
 
 
-class WebhookActionConfig(StrictModel):
+class WebhookActionConfig(ActionBaseConfig):
     """POST each alert as JSON to a local HTTP endpoint; done on a 2xx answer."""
 
     type: Literal["webhook"]
-    name: str
     url: str
     headers: dict[str, str] = {}
-    timeout: Duration = 10.0
-    rules: list[str] = ["*"]
-    severities: list[Literal["info", "warning", "critical"]] = ["info", "warning", "critical"]
-    kinds: list[Literal["raised", "cleared"]] = ["raised", "cleared"]
-    max_attempts: int = Field(default=10, ge=0)
-    backoff_initial: Duration = 0.5
-    backoff_max: Duration = 60.0
 
     @field_validator("url")
     @classmethod
@@ -558,20 +555,12 @@ class WebhookActionConfig(StrictModel):
         return url
 
 
-class CommandActionConfig(StrictModel):
+class CommandActionConfig(ActionBaseConfig):
     """Run a program for each alert (argv, no shell); done when it exits 0 within `timeout`."""
 
     type: Literal["command"]
-    name: str
     argv: list[str] = Field(min_length=1)  # may use {rule}, {sensor}, {severity}, {kind}, ...
-    timeout: Duration = 10.0
     env: dict[str, str] = {}
-    rules: list[str] = ["*"]
-    severities: list[Literal["info", "warning", "critical"]] = ["info", "warning", "critical"]
-    kinds: list[Literal["raised", "cleared"]] = ["raised", "cleared"]
-    max_attempts: int = Field(default=10, ge=0)
-    backoff_initial: Duration = 0.5
-    backoff_max: Duration = 60.0
 
 
 ActionConfig = Annotated[
