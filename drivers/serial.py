@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 
 #: Bytes asked of the port per read; each read becomes (at most) one batch.
 READ_SIZE = 4096
+#: After a short read, wait this long for more bytes before handing a batch on. A board at
+#: 1,000 lines/s otherwise wakes the loop ~700 times a second for one or two lines each; the
+#: log commits every 100 ms by default, so 20 ms adds nothing a reader would notice.
+COALESCE = 0.02
+#: Most bytes gathered into one batch.
+COALESCE_BYTES = 16 * READ_SIZE
 
 _PARITY = {
     "none": serial.PARITY_NONE,
@@ -137,9 +143,27 @@ class SerialDriver:
                 raise DriverError(f"serial input {self.name!r}: {self.cfg.port}: {exc}") from exc
             if not chunk:
                 raise DriverError(f"serial input {self.name!r}: {self.cfg.port} hung up")
+            if len(chunk) < self._read_size and not self._closed:
+                await asyncio.sleep(COALESCE)
+                chunk += self._more()
             batch = self._batch(chunk)
             if batch.items:
                 return batch
+
+    def _more(self) -> bytes:
+        """What else the port holds now, without waiting; an error is left for the next read."""
+        parts: list[bytes] = []
+        size = 0
+        while size < COALESCE_BYTES and not self._closed:
+            try:
+                part = os.read(self._fd, self._read_size)
+            except OSError:  # BlockingIOError (nothing more) or the port going away
+                break
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts)
 
     async def _readable(self) -> None:
         """Wait until the port has bytes (or an error, or a hang-up), or until `close`."""
