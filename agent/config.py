@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from agent.units import ByteSize, Duration, StrictModel
 from agent.yamlconfig import (
@@ -20,6 +20,16 @@ from agent.yamlconfig import (
 from agent.yamlconfig import ConfigIssue, Positions, parse_yaml, read_yaml_text
 
 # --------------------------------------------------------------------------- models
+
+
+def _http_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("url must start with http:// or https://")
+    return url
+
+
+#: A URL that must be http:// or https:// (kept as text: aiohttp takes it as written).
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class AgentSection(StrictModel):
@@ -544,15 +554,8 @@ class WebhookActionConfig(ActionBaseConfig):
     """POST each alert as JSON to a local HTTP endpoint; done on a 2xx answer."""
 
     type: Literal["webhook"]
-    url: str
+    url: HttpUrl
     headers: dict[str, str] = {}
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("url must start with http:// or https://")
-        return url
 
 
 class CommandActionConfig(ActionBaseConfig):
@@ -650,7 +653,7 @@ class HttpUpstreamConfig(UpstreamBaseConfig):
     """
 
     type: Literal["http"]
-    url: str
+    url: HttpUrl
     token: str | None = None
     headers: dict[str, str] = {}
     gzip: bool = True
@@ -658,13 +661,6 @@ class HttpUpstreamConfig(UpstreamBaseConfig):
     cert_file: Path | None = None
     key_file: Path | None = None
     retry_status: list[int] = [401, 403, 408, 429]
-
-    @field_validator("url")
-    @classmethod
-    def _url_scheme(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError("url must start with http:// or https://")
-        return url
 
     @field_validator("retry_status")
     @classmethod
