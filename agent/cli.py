@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.events import Stream
-from agent.log import CODE_STREAMS, STREAM_CODES
+from agent.log import CODE_STREAMS, HEADS_SQL, STREAM_CODES
 from agent.status import is_running, read_live
 
 app = typer.Typer(
@@ -112,7 +110,7 @@ def collect_status(cfg: AgentConfig) -> dict[str, Any]:
     db = _open_ro(cfg)
     try:
         log_id = db.execute("SELECT value FROM meta WHERE key='log_id'").fetchone()[0]
-        heads = dict(db.execute("SELECT stream, seq FROM heads").fetchall())
+        heads = dict(db.execute(HEADS_SQL).fetchall())
         streams: dict[str, Any] = {}
         for stream, code in STREAM_CODES.items():
             count, lo = db.execute(
@@ -168,6 +166,11 @@ def status(
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         return
+    # rich is imported by the commands that draw with it, never at the top: `run` would carry
+    # its MiB for the agent's whole life (issue 7).
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     logi = info["log"]
     state = "running" if info["running"] else "not running"
@@ -281,7 +284,7 @@ def measure_log(cfg: AgentConfig) -> dict[str, Any] | None:
         return None
     db = _open_ro(cfg)
     try:
-        heads = dict(db.execute("SELECT stream, seq FROM heads").fetchall())
+        heads = dict(db.execute(HEADS_SQL).fetchall())
         total = 0
         rates: dict[str, float] = {}
         for stream, code in STREAM_CODES.items():
@@ -402,6 +405,9 @@ def plan(
     if as_json:
         typer.echo(json.dumps(out, indent=1))
         return
+    from rich.console import Console  # deferred, as in `status`
+    from rich.table import Table
+
     console = Console()
     console.print(
         f"[bold]{cfg.agent.name}[/]: quota {out['quota'] / 2**20:,.0f} MiB, "
@@ -487,7 +493,7 @@ def _replay_targets(
     """Per stream: (cursor now, cursor to rewind to, head)."""
     db = _open_ro(cfg)
     try:
-        heads = dict(db.execute("SELECT stream, seq FROM heads").fetchall())
+        heads = dict(db.execute(HEADS_SQL).fetchall())
         cursors = dict(
             db.execute("SELECT stream, seq FROM cursors WHERE consumer=?", (consumer,)).fetchall()
         )

@@ -32,7 +32,8 @@ LANES: tuple[Stream, ...] = (
 )
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen, like Reading below: one is built for every value a device sends.
+@dataclass(slots=True)
 class Sample:
     """What a decoder finds in one line or message: a value for a sensor, maybe a device time."""
 

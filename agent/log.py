@@ -7,7 +7,10 @@ them only once its own effect is durable.
 
 Concurrency: one writer task owns the write connection; `submit` only queues. Readers share a
 second connection. Consumers only ever see committed events, because the in-memory heads they
-wait on are advanced after the COMMIT returns.
+wait on are advanced after the COMMIT returns. The newest committed events of each stream are
+also kept in memory (`RECENT`), built once when committed: consumers that keep up, which in
+steady state is all of them, read them without a query and without each building its own copy.
+Events handed out are shared between consumers and must be treated as read-only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,10 @@ STREAM_CODES: dict[Stream, int] = {
     Stream.DEADLETTER: 5,
 }
 CODE_STREAMS = {code: stream for stream, code in STREAM_CODES.items()}
+
+#: Committed events kept in memory per stream for consumers that keep up (a few commits' worth
+#: at the rates a Pi sees; older reads go to SQLite).
+RECENT = 4096
 
 # The order in which a full disk gives up events: readings first, alerts and gaps never.
 DROP_ORDER = (Stream.READINGS, Stream.DEADLETTER, Stream.AGGREGATES)
@@ -79,6 +87,17 @@ _INSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT = "SELECT seq, kind, time, recv_time, mono, sensor, value, unit, data, raw FROM events"
+
+
+#: Each stream's newest seq as `(code, seq)` rows, for tools reading the log beside the agent:
+#: the newest row's seq, or the `heads` row a drop left when it emptied the stream (commits do
+#: not write `heads`, to spare the SD card a page per commit).
+HEADS_SQL = (
+    "WITH codes(code) AS (VALUES "
+    + ", ".join(f"({c})" for c in STREAM_CODES.values())
+    + ") SELECT code, max(coalesce((SELECT max(seq) FROM events WHERE stream=code), 0),"
+    " coalesce((SELECT seq FROM heads WHERE stream=code), 0)) FROM codes"
+)
 
 
 class LogError(Exception):
@@ -181,6 +200,27 @@ def _to_event(stream: Stream, row: Sequence[Any]) -> Event:
     )
 
 
+def _stored(stream: Stream, row: Sequence[Any]) -> Event:
+    """The event a query would return for `row` as inserted: its data through the same JSON
+    (tuples become lists, keys strings) and numbers in REAL columns as floats."""
+    _, seq, kind, t, recv, mono, sensor, value, unit, data, raw = row
+    return _to_event(
+        stream,
+        (
+            seq,
+            kind,
+            float(t),
+            float(recv),
+            float(mono),
+            sensor,
+            None if value is None else float(value),
+            unit,
+            data,
+            raw,
+        ),
+    )
+
+
 #: How many moved-aside corrupt logs are kept next to the live one (the oldest go first), so
 #: a card that corrupts files again and again does not fill up with them.
 KEEP_CORRUPT = 2
@@ -257,6 +297,8 @@ class EventLog:
         self._heads: dict[Stream, int] = dict.fromkeys(Stream, 0)
         self._tails: dict[Stream, int] = dict.fromkeys(Stream, 1)
         self._cursors: dict[tuple[str, Stream], int] = {}
+        # The newest committed events per stream, contiguous seqs ending at the head.
+        self._recent: dict[Stream, deque[Event]] = {s: deque(maxlen=RECENT) for s in Stream}
         self._writer_db: aiosqlite.Connection | None = None
         self._reader_db: aiosqlite.Connection | None = None
         self._pending: deque[_Submission] = deque()
@@ -345,6 +387,8 @@ class EventLog:
         self._heads = dict.fromkeys(Stream, 0)
         self._tails = dict.fromkeys(Stream, 1)
         self._cursors = {}
+        for recent in self._recent.values():
+            recent.clear()
 
     async def _load_log_id(self, db: aiosqlite.Connection) -> str:
         async with db.execute("SELECT value FROM meta WHERE key='log_id'") as cur:
@@ -534,17 +578,12 @@ class EventLog:
                         n += 1
                         yield _event_row(code, n, e)
 
-        changed = [(STREAM_CODES[s], heads[s]) for s in Stream if heads[s] != self._heads[s]]
+        # No `heads` row per commit: the newest seq is in `events` itself; `_drop` writes the
+        # head when it deletes, which is the only way a stream's newest events can vanish.
         await db.execute("BEGIN IMMEDIATE")
         try:
             if total:
                 await db.executemany(_INSERT, rows())
-            if changed:
-                await db.executemany(
-                    "INSERT INTO heads (stream, seq) VALUES (?, ?)"
-                    " ON CONFLICT (stream) DO UPDATE SET seq=excluded.seq",
-                    changed,
-                )
             if cursor_rows:
                 await db.executemany(
                     "INSERT INTO cursors (consumer, stream, seq, state, updated)"
@@ -558,6 +597,7 @@ class EventLog:
                 await db.execute("ROLLBACK")
             raise
         # Only now may consumers see the new events and sources be acknowledged.
+        self._remember(batch, starts)
         self._heads = heads
         for sub in batch:
             for c in sub.cursors:
@@ -571,6 +611,37 @@ class EventLog:
                 sub.future.set_result(committed)
         async with self._committed:
             self._committed.notify_all()
+
+    def _remember(self, batch: list[_Submission], starts: list[dict[Stream, int]]) -> None:
+        """Keep the events just committed as consumers will read them (`RECENT`)."""
+        readings, dead = self._recent[Stream.READINGS], self._recent[Stream.DEADLETTER]
+        read_name = Stream.READINGS.value
+        for sub, start in zip(batch, starts, strict=True):
+            seq, n_dead = start[Stream.READINGS], start[Stream.DEADLETTER]
+            for r in sub.readings:
+                if type(r) is Reading:
+                    seq += 1
+                    readings.append(
+                        Event(
+                            read_name,
+                            seq,
+                            "reading",
+                            float(r.event_time),
+                            r.recv_time,
+                            r.mono,
+                            r.sensor,
+                            float(r.value),
+                            r.unit,
+                        )
+                    )
+                else:
+                    n_dead += 1
+                    dead.append(_stored(Stream.DEADLETTER, _rejected_row(0, n_dead, r)))  # type: ignore[arg-type]
+            for stream, events in sub.events.items():
+                recent, n = self._recent[stream], start[stream]
+                for e in events:
+                    n += 1
+                    recent.append(_stored(stream, _event_row(0, n, e)))
 
     # ------------------------------------------------------------------ reading
 
@@ -589,6 +660,12 @@ class EventLog:
         upto = self._heads[stream]
         if after >= upto:
             return []
+        recent = self._recent[stream]
+        if recent and after >= recent[0].seq - 1:
+            start = after + 1 - recent[0].seq
+            events = list(islice(recent, start, start + limit))
+            if events and events[0].seq == after + 1:  # contiguous, as it always should be
+                return events
         async with db.execute(
             _SELECT + " WHERE stream=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
             (STREAM_CODES[stream], after, upto, limit),
@@ -807,6 +884,13 @@ class EventLog:
             await db.execute(
                 "DELETE FROM events WHERE stream=? AND seq BETWEEN ? AND ?", (code, lo, upto)
             )
+            # The head survives in its own table, so seqs never repeat even when this
+            # deletes every event of the stream (commits do not write it).
+            await db.execute(
+                "INSERT INTO heads (stream, seq) VALUES (?, ?)"
+                " ON CONFLICT (stream) DO UPDATE SET seq=excluded.seq",
+                (code, self._heads[stream]),
+            )
             if gap is not None:
                 await db.execute(_INSERT, gap)
                 await db.execute(
@@ -820,9 +904,13 @@ class EventLog:
                 await db.execute("ROLLBACK")
             raise
         self._tails[stream] = upto + 1
+        recent = self._recent[stream]
+        while recent and recent[0].seq <= upto:
+            recent.popleft()
         bucket = self.stats.dropped if gap is not None else self.stats.pruned
         bucket[stream.value] = bucket.get(stream.value, 0) + count
         if gap is not None:
+            self._recent[Stream.AGENT].append(_stored(Stream.AGENT, gap))
             self._heads[Stream.AGENT] = gap[1]
             log.warning(
                 "dropped %d %s (seq %d..%d, %d not yet forwarded): %s",

@@ -137,7 +137,7 @@ def _query(db: Path, sql: str, *params: Any) -> Any:
 
 def readings_head(db: Path) -> int:
     try:
-        head = _query(db, "SELECT seq FROM heads WHERE stream = ?", READINGS)
+        head = _query(db, "SELECT max(seq) FROM events WHERE stream = ?", READINGS)
     except sqlite3.Error:
         return 0
     return int(head or 0)

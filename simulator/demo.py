@@ -52,6 +52,7 @@ from agent.config import (
     SerialInputConfig,
     load_config,
 )
+from agent.log import HEADS_SQL
 from agent.status import STATUS_FILE, is_running
 
 READINGS, AGGREGATES, ALERTS = 1, 2, 3  # agent.log.STREAM_CODES
@@ -304,7 +305,7 @@ def _connect_ro(path: Path, *, writer_gone: bool = False) -> sqlite3.Connection:
 def read_log(conn: sqlite3.Connection, consumer: str) -> LogView:
     """Heads, the upstream's lag, latest values and means per sensor, and alerts."""
     view = LogView()
-    view.heads = {int(s): int(q) for s, q in conn.execute("SELECT stream, seq FROM heads")}
+    view.heads = {int(s): int(q) for s, q in conn.execute(HEADS_SQL)}
     for stream, seq in conn.execute(
         "SELECT stream, seq FROM cursors WHERE consumer=?", (consumer,)
     ):
@@ -597,7 +598,7 @@ def _log_heads(path: Path) -> dict[int, int]:
         return {}
     conn = _connect_ro(path, writer_gone=True)
     try:
-        return {int(s): int(q) for s, q in conn.execute("SELECT stream, seq FROM heads")}
+        return {int(s): int(q) for s, q in conn.execute(HEADS_SQL)}
     except sqlite3.Error:
         return {}
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import LogConfig
-from agent.events import NewEvent, Reading, Rejected, Stream
+from agent.events import Event, NewEvent, Reading, Rejected, Stream
 from agent.log import CursorUpdate, EventLog
 
 
@@ -241,3 +242,43 @@ async def test_wal_stays_bounded(log_path: Path) -> None:
 def wal_size(log_path: Path) -> int:
     wal = f"{log_path}-wal"
     return os.path.getsize(wal) if os.path.exists(wal) else 0
+
+
+async def test_recent_events_from_memory_equal_the_stored_ones(log_path: Path) -> None:
+    """Consumers that keep up read the newest events from memory: they must be exactly what
+    a query returns (the same JSON round trip for data, floats stay floats, seqs contiguous)."""
+    cfg = LogConfig(commit_interval=0.0, max_age=60, retention_interval=3600)
+    now = time.time()
+    agg = NewEvent(
+        "aggregate", now, now, 1.0, sensor="t1", value=2, unit="C", data={"n": (1, 2), 3: "x"}
+    )
+    async with EventLog.open(log_path, cfg) as log:
+        await log.register("up", [Stream.READINGS])
+        await log.append([reading(i, t=now - 3600) for i in range(3)])
+        await log.append([reading(3), bad(b"\xff raw"), Reading("t2", 7, None, now, now, 2.0, "t")])
+        await log.append(events={Stream.AGGREGATES: [agg], Stream.ALERTS: [agg]})
+        await log.enforce_retention()  # drops the 3 old readings, appends a gap to `agent`
+        await log.append(events={Stream.AGENT: [agg]})
+        in_memory = {s: await log.read(s, 0) for s in Stream}
+        from_disk = {s: await log.read(s, 0) for s in Stream}
+        log._recent[Stream.READINGS].clear()  # what a consumer far behind gets: a query
+        queried_readings = await log.read(Stream.READINGS, 0)
+    async with EventLog.open(log_path, cfg) as reopened:  # nothing in memory: all queried
+        queried = {s: await reopened.read(s, 0) for s in Stream}
+
+    def wire(events: dict[Stream, list[Event]]) -> str:  # 7 == 7.0, but not on the wire
+        return json.dumps({s: [e.to_wire("x") for e in v] for s, v in events.items()})
+
+    assert in_memory == from_disk == queried
+    assert wire(in_memory) == wire(queried)
+    assert queried_readings == queried[Stream.READINGS]
+    assert [e.seq for e in queried[Stream.READINGS]] == [4, 5]
+    assert [e.kind for e in queried[Stream.AGENT]] == ["gap", "aggregate"]
+    assert [e.seq for e in queried[Stream.AGENT]] == [1, 2]
+    assert queried[Stream.AGGREGATES][0].data == {"n": [1, 2], "3": "x"}
+    assert type(queried[Stream.READINGS][1].value) is float
+    # Reading from the middle of what is in memory.
+    async with EventLog.open(log_path, FAST) as log:
+        await log.append([reading(i) for i in range(10)])
+        middle = await log.read(Stream.READINGS, 8, limit=3)
+        assert [e.seq for e in middle] == [9, 10, 11]
