@@ -51,6 +51,7 @@ lint: $(TSTAMP)
 bench: $(STAMP)
 	$(PY) bench/log_append.py
 	$(PY) bench/upstream.py
+	$(PY) bench/e2e.py
 	$(PY) bench/processing.py
 	$(PY) bench/soak.py --minutes 1  # the full run: --minutes 5
 

@@ -28,12 +28,8 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import aiohttp
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.backoff import Backoff
 from agent.config import (
@@ -44,6 +40,12 @@ from agent.config import (
 )
 from agent.events import Event, NewEvent, Stream
 from agent.log import CursorUpdate, EventLog
+
+if TYPE_CHECKING:
+    # Only the action that uses them imports them at run time: paho and aiohttp cost MiB of
+    # RSS on a Pi, and most agents configure no MQTT action and no webhook (issue 7).
+    import aiohttp
+    import paho.mqtt.client as mqtt
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +296,8 @@ class WebhookAction(Action):
         self._session: aiohttp.ClientSession | None = None
 
     async def perform(self, event: Event, log_id: str) -> None:
+        import aiohttp  # deferred: only agents with a webhook pay for it (see the top)
+
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
@@ -338,6 +342,8 @@ class MqttAction(Action):
         self._thread: int | None = None
 
     async def perform(self, event: Event, log_id: str) -> None:
+        import paho.mqtt.client as mqtt  # deferred: only agents with an MQTT action pay for it
+
         client = await self._connect()
         fields = alert_fields(event, log_id)
         template = self.cfg.payload_raised if fields["kind"] == "raised" else None
@@ -364,6 +370,9 @@ class MqttAction(Action):
             self._acks.pop(info.mid, None)
 
     async def _connect(self) -> mqtt.Client:
+        import paho.mqtt.client as mqtt  # deferred, as in `perform`
+        from paho.mqtt.enums import CallbackAPIVersion
+
         if self._client is not None and self._client.is_connected():
             return self._client
         await self.close()
@@ -424,6 +433,8 @@ class MqttAction(Action):
         return client
 
     async def _keepalive(self, client: mqtt.Client) -> None:
+        import paho.mqtt.client as mqtt  # deferred, as in `perform`
+
         while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 (close cancels it)
             await asyncio.sleep(1.0)
 

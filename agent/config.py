@@ -602,6 +602,8 @@ class UpstreamBaseConfig(StrictModel):
     severities: list[_Severity] = ["info", "warning", "critical"]
     batch_size: int = Field(default=500, ge=1, le=100_000)
     max_bytes: ByteSize = Field(default=1024**2, ge=1024)
+    # Nagle-like: the longest a part-full batch waits behind messages in flight (an idle
+    # upstream sends at once; see agent/upstream.py).
     linger: Duration = 0.2
     timeout: Duration = 10.0
     backoff_initial: Duration = 0.5

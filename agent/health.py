@@ -25,16 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
 from agent.clock import CORRECTIONS, ClockWatch, boot_id
 from agent.events import Stream
 from agent.notify import Notifier
 
 if TYPE_CHECKING:
+    # At run time aiohttp.web and prometheus_client are imported only by the HTTP endpoint,
+    # when `health.listen` is set: together they cost a few MiB of RSS that an agent without
+    # the endpoint should not pay (issue 7).
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
     from agent.log import EventLog
     from agent.runtime import Agent
 
@@ -371,6 +373,9 @@ class AgentCollector:
 
     def collect(self) -> Iterator[Metric]:
         """Every metric, freshly read."""
+        # Deferred (see the top); by now HealthServer has imported prometheus_client anyway.
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         m = self.monitor
         agent = m.agent
         event_log = agent.log
@@ -488,6 +493,8 @@ def _one(metric: GaugeMetricFamily | CounterMetricFamily, value: float) -> Metri
 
 def registry_for(monitor: Monitor) -> CollectorRegistry:
     """A registry with the agent's figures and the process' own (CPU, memory, open files)."""
+    from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(monitor))
     ProcessCollector(registry=registry)
@@ -516,6 +523,8 @@ class HealthServer:
         """Bind `health.listen`; OSError when the address cannot be used."""
         address = self.monitor.agent.cfg.health.address
         assert address is not None
+        from aiohttp import web  # deferred: see the top of the module
+
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
@@ -536,6 +545,8 @@ class HealthServer:
             await runner.cleanup()
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        from aiohttp import web  # imported by `start` already: a dictionary look-up
+
         health = self.monitor.health()
         return web.Response(
             status=200 if health.ok else 503,
@@ -544,6 +555,9 @@ class HealthServer:
         )
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

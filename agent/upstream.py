@@ -7,6 +7,12 @@ batched (count, bytes, linger). The cursor of a stream moves only once the upstr
 everything up to it (invariant 2); an event the route leaves out is handled as it is read, and
 moves the cursor with the batch it came in.
 
+Batching works as Nagle's algorithm does for TCP: an idle upstream (nothing sent and not yet
+acknowledged) sends what is committed at once, however little; while messages are in flight,
+the next batch gathers until it is full (`batch_size`), an acknowledgement leaves the upstream
+idle, or it has waited `linger`. A trickle of readings so goes out as it is committed, and a
+flood fills big batches behind the ones in flight. Alerts never wait.
+
 Cursor moves are submitted to the log without waiting for their commit, so the next batch goes
 out while the last one's cursor is being written; the feed keeps its own read positions, ahead
 of the committed cursors. What was sent and not acknowledged when the agent stops is sent again
@@ -354,6 +360,8 @@ class Feed:
         self._replay_checked = 0.0
         self._last_commit: asyncio.Future[Any] | None = None
         self._ahead: tuple[Stream, int, asyncio.Future[list[Event]]] | None = None
+        # While a batch gathers behind messages in flight: when it goes regardless (linger).
+        self._gather_until: float | None = None
 
     async def open(self, event_log: EventLog) -> None:
         """Register the cursors and start from them (applying a replay asked for meanwhile)."""
@@ -381,10 +389,17 @@ class Feed:
         within: float = 1.0,
     ) -> Batch | None:
         """The next batch, from the lane whose turn it is; None when there is nothing to send
-        within `within` seconds (or `stop` or `wake` is set meanwhile)."""
+        within `within` seconds, or `stop` or `wake` is set meanwhile.
+
+        With `linger`, a batch that is not full waits while the upstream has messages in
+        flight (`status.inflight`), at most `cfg.linger` in all (see the module docstring).
+        The caller sets `wake` when an acknowledgement arrives: the wait then ends with None,
+        so the caller can settle it and ask again (the linger deadline is kept meanwhile).
+        """
         event_log = self._log()
-        stream = self.lanes.pick(self.pending())
-        if stream is None:
+        pending = self.pending()
+        if not pending:
+            self._gather_until = None
             waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
             if wake is not None:
                 waiters.append(asyncio.ensure_future(wake.wait()))
@@ -396,14 +411,17 @@ class Feed:
             for w in waiters:
                 w.cancel()
             return None
+        if linger and self._gathering(pending, stop):
+            if not await self._gather(stop, wake, within):
+                return None
+            pending = self.pending()
+        self._gather_until = None
+        stream = self.lanes.pick(pending)
+        assert stream is not None
         after = self.positions[stream]
         size = self.cfg.batch_size
         events = await self._read_ahead(stream, after)
         if events is None:
-            behind = event_log.head(stream) - after
-            if linger and self.cfg.linger > 0 and behind < size and not stop.is_set():
-                # Let a small batch fill up a little: fewer, fuller requests.
-                await event_log.wait_for(stream, after + size - 1, within=self.cfg.linger)
             events = await event_log.read(stream, after, size)
         if not events:
             gone = min(event_log.head(stream), event_log.tail(stream) - 1)
@@ -422,6 +440,49 @@ class Feed:
         # Events received before an NTP step in this run go out re-dated (every format).
         taken = [CORRECTIONS.apply(e) for e in taken] if CORRECTIONS.active else taken
         return Batch(stream, taken, after + 1, events[-1].seq, read=len(events))
+
+    def _gathering(self, pending: Sequence[Stream], stop: asyncio.Event) -> bool:
+        """Whether the next batch should wait to fill: messages are in flight, no lane has a
+        full batch waiting, no alert waits, and the linger deadline (if one runs) is ahead."""
+        if self.cfg.linger <= 0 or self.status.inflight <= 0 or stop.is_set():
+            return False
+        if Stream.ALERTS in pending:
+            return False
+        event_log, size = self._log(), self.cfg.batch_size
+        if any(event_log.head(s) - self.positions[s] >= size for s in pending):
+            return False
+        until = self._gather_until
+        return until is None or time.monotonic() < until
+
+    async def _gather(self, stop: asyncio.Event, wake: asyncio.Event | None, within: float) -> bool:
+        """Wait for the batch to fill: True when it should go now (full, an alert, the linger
+        deadline), False when woken first (or after `within`), to be asked again."""
+        now = time.monotonic()
+        if self._gather_until is None:
+            self._gather_until = now + self.cfg.linger
+        left = self._gather_until - now
+        if wake is not None and wake.is_set():
+            return False
+        event_log, size = self._log(), self.cfg.batch_size
+        # A full batch in any lane, or an alert: the alert lane is woken by any new event.
+        full = {
+            s: self.positions[s] + (0 if s == Stream.ALERTS else size - 1) for s in self.streams
+        }
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(event_log.wait_any(self.streams, full)),
+        ]
+        if wake is not None:
+            waiters.append(asyncio.ensure_future(wake.wait()))
+        try:
+            await asyncio.wait(
+                waiters, timeout=min(left, within), return_when=asyncio.FIRST_COMPLETED
+            )
+            filled = waiters[1].done()
+        finally:
+            for w in waiters:
+                w.cancel()
+        return filled or stop.is_set() or time.monotonic() >= self._gather_until
 
     async def _read_ahead(self, stream: Stream, after: int) -> list[Event] | None:
         """The batch read ahead, if it is the one wanted now (else it is dropped)."""

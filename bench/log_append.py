@@ -35,7 +35,7 @@ from typing import Any
 
 from agent.config import LogConfig, SimSensorConfig, SimulatedInputConfig
 from agent.events import Reading, Stream
-from agent.log import _INSERT, _SCHEMA, STREAM_CODES, Committed, EventLog, _reading_row
+from agent.log import _INSERT, _SCHEMA, PAGE_SIZE, STREAM_CODES, Committed, EventLog, _reading_row
 from drivers.simulated import SimulatedDriver
 
 TARGET_RATE = 100_000.0  # readings/s through the agent path
@@ -188,6 +188,7 @@ def raw_phase(args: argparse.Namespace, path: Path, run: AgentRun) -> PhaseResul
     db = sqlite3.connect(path, isolation_level=None)
     try:
         sync = "FULL" if args.synchronous == "full" else "NORMAL"
+        db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # the same file layout as the agent's
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={sync}")
         db.execute("PRAGMA journal_size_limit=16777216")

@@ -7,15 +7,28 @@ A log is filled with N readings (a backlog, as after an outage), then drained:
   unacknowledged messages) publishes the very same payloads, encoded beforehand.
 - HTTP: `HttpUpstream` to the simulator's endpoint (`edge-sim cloud`, its own process, a fresh
   database); then a bare aiohttp session posts the same bodies (gzipped beforehand) to a
-  second fresh endpoint, one request at a time, as the upstream does.
+  second fresh endpoint, one request at a time, as the upstream does. The endpoints run with
+  `--sync off` (`--cloud-sync`): with `full` they fsync every batch, and that fsync, not the
+  agent, would be the figure (~17-22k readings/s here on both sides).
 
 Each agent phase is timed from the upstream's start until every reading is acknowledged (PUBACK
 or 2xx), so the drain time of the backlog is its seconds; `cpu ms` is this process's CPU time
 (event loop and database thread) per 1,000 readings. The ratio agent / bare is how much of what
-the client library and the receiver can do the agent keeps. This prints; it never asserts.
+the client library and the receiver can do the agent keeps.
+
+Then latency at a steady rate, with DEFAULT log and upstream settings (group commit every
+100 ms, `linger` 200 ms, `batch_size` 500): readings are submitted to a fresh log at
+`--rate` per second for `--seconds`, while each upstream forwards them, to the same mosquitto
+(a subscriber here notes each batch's arrival) and to an endpoint with its default `--sync full`
+(which notes its own arrival time per event). A reading's latency is its arrival minus its
+receive time (when it was handed to the log): the group commit, the upstream's batching and
+the transfer. The reference is the commit interval, which the log adds on its own.
+
+This prints; it never asserts.
 
     python bench/upstream.py [--readings 1000000] [--http-readings 200000] [--batch 1000]
-                             [--inflight 100] [--json]
+                             [--inflight 100] [--cloud-sync off] [--rate 1000] [--seconds 5]
+                             [--json]
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ import platform
 import shutil
 import signal
 import socket
+import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +67,7 @@ from agent.upstream_mqtt import MqttUpstream
 
 TARGET_RATE = 100_000.0  # readings/s to each upstream, with batching
 TARGET_DRAIN = 30.0  # seconds for 1,000,000 buffered readings
+TARGET_P50 = 0.100  # seconds, at 1,000 readings/s with default settings
 AGENT = "bench-pi"
 SENSORS = 8
 
@@ -139,12 +155,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_mosquitto(workdir: Path, extra: str = "") -> tuple[subprocess.Popen[bytes], int]:
+    """A mosquitto on a free loopback port (`extra`: more configuration lines)."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port = free_port()
     conf = workdir / "mosquitto.conf"
     root = "user root\n" if os.geteuid() == 0 else ""
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n{root}log_type error\n")
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\n{root}log_type error\n{extra}"
+    )
     proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -194,10 +213,13 @@ def bare_paho(port: int, bodies: list[bytes], window: int, readings: int) -> Pha
 # --------------------------------------------------------------------------- HTTP
 
 
-def start_endpoint(db: Path) -> tuple[subprocess.Popen[str], str]:
+def start_endpoint(db: Path, sync: str = "full") -> tuple[subprocess.Popen[str], str]:
     """`edge-sim cloud` in its own process (its own core), on a free port."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulator.cli", "cloud", "--port", "0", "--db", str(db)],
+        [
+            *(sys.executable, "-m", "simulator.cli", "cloud", "--port", "0"),
+            *("--db", str(db), "--sync", sync),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -233,6 +255,158 @@ async def bare_aiohttp(url: str, bodies: list[bytes], readings: int) -> Phase:
     return Phase("bare aiohttp (same bodies)", readings, seconds, len(bodies))
 
 
+# --------------------------------------------------------------------------- latency
+
+
+@dataclass(slots=True)
+class Latency:
+    """Readings forwarded at a steady rate, and how long each took to arrive."""
+
+    name: str
+    readings: int
+    rate: float
+    seconds: list[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "readings": self.readings,
+            "arrived": len(self.seconds),
+            "rate": self.rate,
+            **percentiles(self.seconds),
+        }
+
+
+def percentiles(seconds: list[float]) -> dict[str, float | None]:
+    """p50, p99 and max of `seconds`, in milliseconds (None when there are none)."""
+    if len(seconds) < 2:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    q = statistics.quantiles(seconds, n=100, method="inclusive")
+    return {
+        "p50_ms": round(q[49] * 1000, 2),
+        "p99_ms": round(q[98] * 1000, 2),
+        "max_ms": round(max(seconds) * 1000, 2),
+    }
+
+
+async def steady(path: Path, up: Upstream, rate: float, seconds: float) -> int:
+    """Submit readings to a fresh log (default settings) at `rate` per second for `seconds`
+    while `up` forwards them; return how many, once all are acknowledged."""
+    n = max(1, int(rate * seconds))
+    async with EventLog.open(path) as log:
+        stop = asyncio.Event()
+        task = asyncio.create_task(up.run(log, stop))
+        try:
+            # Warm: connected, and one reading through, before the clock starts.
+            await log.submit([_reading("warm-up", 0)])
+            await _until(lambda: up.status.sent >= 1, task, 30, up.name)
+            t0, sent = time.monotonic(), 0
+            while sent < n:
+                due = min(n, int((time.monotonic() - t0) * rate) + 1)
+                if due > sent:
+                    # Like an input, hand what is due to the log in one submission.
+                    await log.submit([_reading("steady", i) for i in range(sent, due)])
+                    sent = due
+                await asyncio.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
+            await _until(lambda: up.status.sent >= n + 1, task, 30, up.name)
+        finally:
+            stop.set()
+            await task
+    return n
+
+
+def _reading(sensor: str, i: int) -> Reading:
+    now = time.time()
+    return Reading(sensor, float(i), "C", now, now, time.monotonic(), "bench")
+
+
+async def _until(cond: Any, task: asyncio.Task[None], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if task.done():
+            task.result()
+            raise RuntimeError(f"{what}: the upstream stopped")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not acknowledged within {within:.0f}s")
+        await asyncio.sleep(0.01)
+
+
+class Arrivals:
+    """A paho subscriber in its own thread noting when each batch message arrives."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: list[tuple[float, bytes]] = []
+        subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-arrivals")
+        self.client.on_message = lambda c, u, m: self.messages.append(
+            (time.time(), bytes(m.payload))
+        )
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(topic, qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise RuntimeError("the subscriber did not subscribe")
+
+    def latencies(self, sensor: str) -> list[float]:
+        """Arrival minus receive time of each reading of `sensor` (each id once)."""
+        out: dict[str, float] = {}
+        for arrived, payload in self.messages:
+            for e in json.loads(payload)["events"]:
+                if e.get("sensor") == sensor:
+                    out.setdefault(e["id"], arrived - e["recv_time"])
+        return list(out.values())
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def cloud_latencies(db: Path, sensor: str) -> list[float]:
+    """Arrival (the endpoint's `received_at`) minus receive time of each reading of `sensor`."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT received_at - recv_time FROM events WHERE sensor = ?", (sensor,)
+        ).fetchall()
+    finally:
+        con.close()
+    return [r[0] for r in rows]
+
+
+def latency_phases(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Both upstreams, default settings, at a steady rate (see the module docstring)."""
+    out: dict[str, Any] = {}
+    broker, port = start_mosquitto(root)
+    try:
+        arrivals = Arrivals(port, f"edge/{AGENT}/readings")
+        try:
+            cfg = MqttUpstreamConfig(
+                type="mqtt", name="lat-mqtt", url=f"mqtt://127.0.0.1:{port}", streams=["readings"]
+            )
+            n = asyncio.run(
+                steady(root / "lat-mqtt.db", MqttUpstream(cfg, AGENT), args.rate, args.seconds)
+            )
+        finally:
+            arrivals.close()
+        out["mqtt"] = Latency("agent (log -> broker)", n, args.rate, arrivals.latencies("steady"))
+    finally:
+        stop(broker)
+    db = root / "cloud-latency.db"
+    endpoint, url = start_endpoint(db)
+    try:
+        http_cfg = HttpUpstreamConfig(
+            type="http", name="lat-http", url=f"{url}/ingest", streams=["readings"]
+        )
+        n = asyncio.run(
+            steady(root / "lat-http.db", HttpUpstream(http_cfg, AGENT), args.rate, args.seconds)
+        )
+    finally:
+        stop(endpoint)
+    out["http"] = Latency("agent (log -> endpoint)", n, args.rate, cloud_latencies(db, "steady"))
+    return {k: v.as_dict() for k, v in out.items()}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -251,7 +425,6 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             url=f"mqtt://127.0.0.1:{port}",
             streams=["readings"],
             batch_size=args.batch,
-            linger=0,
             max_inflight=args.inflight,
         )
         agent = asyncio.run(drain(log_path, MqttUpstream(cfg, AGENT), args.readings, "mqtt"))
@@ -264,7 +437,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     results["mqtt"] = _pair(agent, bare)
 
     n = min(args.http_readings, args.readings)
-    endpoint, url = start_endpoint(root / "cloud-agent.db")
+    endpoint, url = start_endpoint(root / "cloud-agent.db", args.cloud_sync)
     try:
         http_cfg = HttpUpstreamConfig(
             type="http",
@@ -272,19 +445,20 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             url=f"{url}/ingest",
             streams=["readings"],
             batch_size=args.batch,
-            linger=0,
         )
         agent = asyncio.run(drain(log_path, HttpUpstream(http_cfg, AGENT), n, "http"))
         agent.name = "agent (log -> 2xx)"
     finally:
         stop(endpoint)
     bodies = [gzip.compress(b, 5) for b in asyncio.run(payloads(log_path, args.batch, n))]
-    endpoint, url = start_endpoint(root / "cloud-bare.db")
+    endpoint, url = start_endpoint(root / "cloud-bare.db", args.cloud_sync)
     try:
         bare = asyncio.run(bare_aiohttp(f"{url}/ingest", bodies, n))
     finally:
         stop(endpoint)
     results["http"] = _pair(agent, bare)
+    if args.seconds > 0:
+        results["latency"] = latency_phases(args, root)
     return results
 
 
@@ -314,6 +488,8 @@ def _machine(tmp: Path) -> dict[str, Any]:
         "aiohttp": aiohttp.__version__,
         "mosquitto": version[0] if version else "?",
         "tmp_dir": str(tmp),
+        # Other work on the machine moves every figure: say how busy it was.
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -326,11 +502,13 @@ def print_table(out: dict[str, Any]) -> None:
     print("edge-agent bench: upstreams (a backlog in the log -> acknowledged upstream)")
     print(
         f"machine: nproc {m['nproc']} ({m['cpu']}), Python {m['python']}, paho {m['paho']}, "
-        f"aiohttp {m['aiohttp']}, {m['mosquitto']}"
+        f"aiohttp {m['aiohttp']}, {m['mosquitto']}, "
+        f"load average {' '.join(map(str, m['loadavg']))} (at the end)"
     )
     print(
         f"config:  {c['readings']:,} readings in the log (filled in {out['fill_seconds']} s), "
-        f"{c['http_readings']:,} over HTTP, batch {c['batch']:,}, mqtt window {c['inflight']}"
+        f"{c['http_readings']:,} over HTTP, batch {c['batch']:,}, mqtt window {c['inflight']}, "
+        f"endpoint --sync {c['cloud_sync']}"
     )
     print()
     print(f"{'':34}{'readings/s':>12}{'seconds':>10}{'messages':>10}{'cpu ms/1000':>13}")
@@ -359,6 +537,29 @@ def print_table(out: dict[str, Any]) -> None:
         f"  1M backlog drained (mqtt) < {TARGET_DRAIN:.0f} s   {drain:>12.1f}   "
         f"{_mark(drain < TARGET_DRAIN)}"
     )
+    lat = out.get("latency")
+    if not lat:
+        return
+    print()
+    print(
+        f"latency at {c['rate']:,.0f} readings/s for {c['seconds']:g} s, default settings "
+        f"(commit_interval 100 ms, linger 200 ms, batch_size 500); endpoint --sync full"
+    )
+    print(f"{'':34}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}{'arrived':>10}")
+    for key, title in (("mqtt", "MQTT"), ("http", "HTTP")):
+        r = lat[key]
+        cells = "".join(
+            f"{r[k]:>10.1f}" if r[k] is not None else f"{'-':>10}"
+            for k in ("p50_ms", "p99_ms", "max_ms")
+        )
+        print(f"  {title + ': ' + r['name']:32}{cells}{r['arrived']:>10,}")
+    print(f"  {'reference: the commit interval':32}{100.0:>10.1f}")
+    print()
+    for key in ("mqtt", "http"):
+        p50 = lat[key]["p50_ms"]
+        ok = p50 is not None and p50 < TARGET_P50 * 1000
+        shown = f"{p50:>12.1f}" if p50 is not None else f"{'-':>12}"
+        print(f"  {key} p50 < {TARGET_P50 * 1000:.0f} ms              {shown}   {_mark(ok)}")
 
 
 def _positive_int(text: str) -> int:
@@ -374,6 +575,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-readings", type=_positive_int, default=200_000, help="default 200000")
     p.add_argument("--batch", type=_positive_int, default=1000, help="events per batch")
     p.add_argument("--inflight", type=_positive_int, default=100, help="MQTT window")
+    p.add_argument(
+        "--cloud-sync",
+        choices=("full", "normal", "off"),
+        default="off",
+        help="the endpoint's durability for the throughput phases (default off)",
+    )
+    p.add_argument("--rate", type=float, default=1000.0, help="latency phase: readings/s")
+    p.add_argument(
+        "--seconds", type=float, default=5.0, help="latency phase: seconds per upstream (0: none)"
+    )
     p.add_argument("--dir", type=Path, default=None, help="where the temp dir goes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -391,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
                 "http_readings": min(args.http_readings, args.readings),
                 "batch": args.batch,
                 "inflight": args.inflight,
+                "cloud_sync": args.cloud_sync,
+                "rate": args.rate,
+                "seconds": args.seconds,
             },
             **results,
         }

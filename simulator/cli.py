@@ -510,6 +510,13 @@ def cloud(
         typer.Option(help="MQTT client id (default: derived from --db; the session persists)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the fault draws.")] = 0,
+    sync: Annotated[
+        str,
+        typer.Option(
+            help="full: fsync every batch before its 200; normal: only at WAL checkpoints; "
+            "off: never (for benchmarks: the agent's rate, not the disk's)."
+        ),
+    ] = "full",
 ) -> None:
     """Run the local stand-in for the cloud ingestion endpoint, with its live page at /.
 
@@ -518,7 +525,7 @@ def cloud(
     # Imported here: aiohttp takes a third of a second to import, and `serial` needs none of it.
     import logging
 
-    from simulator.cloud import CloudError, CloudServer, MqttSubscription
+    from simulator.cloud import SYNC_LEVELS, CloudError, CloudServer, MqttSubscription
 
     subscription = None
     if mqtt_url is not None:
@@ -530,6 +537,8 @@ def cloud(
             raise typer.BadParameter(str(e), param_hint="--mqtt-url/--mqtt-topic") from e
     elif mqtt_topic:
         raise typer.BadParameter("--mqtt-topic needs --mqtt-url", param_hint="--mqtt-topic")
+    if sync not in SYNC_LEVELS:
+        raise typer.BadParameter(f"use one of {', '.join(SYNC_LEVELS)}", param_hint="--sync")
     try:
         server = CloudServer(
             db,
@@ -546,6 +555,7 @@ def cloud(
             down_for=down_for,
             mqtt=subscription,
             seed=seed,
+            sync=sync,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

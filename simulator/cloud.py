@@ -3,8 +3,9 @@
 Endpoints:
 - `POST /ingest`: `{"log_id": str, "agent": str, "events": [event, ...]}`, optionally gzipped
   (`Content-Encoding: gzip`). Each event's `id` is `<log_id>:<stream>:<seq>`; an id already
-  stored is counted as a duplicate, never stored twice. The batch is committed before the
-  200 `{"accepted": n, "duplicates": d}` goes out, because the agent moves its cursor on 2xx.
+  stored is counted as a duplicate, never stored twice. The batch is committed (and fsynced,
+  unless `sync` says otherwise) before the 200 `{"accepted": n, "duplicates": d}` goes out,
+  because the agent moves its cursor on 2xx.
   401 without the bearer token (when one is set), 400 `{"error": reason}` on a bad body,
   503 while `down`, and the injected faults below.
 - `GET /`: a live page of what arrived (per sensor: readings, windowed means, alerts; the
@@ -221,16 +222,27 @@ def parse_message(payload: bytes) -> IngestBatch:
     return parse_batch(doc)
 
 
-def connect(db_path: str | Path, *, create: bool = False) -> sqlite3.Connection:
-    """A connection to the endpoint's database, in WAL mode; `create` makes the schema."""
+#: `--sync` levels: SQLite's `synchronous` pragma for the endpoint's database.
+SYNC_LEVELS = ("full", "normal", "off")
+
+
+def connect(db_path: str | Path, *, create: bool = False, sync: str = "full") -> sqlite3.Connection:
+    """A connection to the endpoint's database, in WAL mode; `create` makes the schema.
+
+    `sync`: `full` (the default) fsyncs every commit, so a 200 means the batch survives a power
+    cut; `normal` fsyncs only at WAL checkpoints (a crash of this process loses nothing, a power
+    cut may lose the last batches); `off` never fsyncs. The last two are for benchmarks, where
+    the endpoint's fsync would otherwise be the figure measured.
+    """
+    if sync not in SYNC_LEVELS:
+        raise ValueError(f"sync must be one of {', '.join(SYNC_LEVELS)}, not {sync!r}")
     if create:
         conn = sqlite3.connect(db_path, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(_SCHEMA)
     else:
         conn = sqlite3.connect(f"file:{Path(db_path)}?mode=rw", uri=True, isolation_level=None)
-    # FULL: a 200 means the batch survives a power cut, not only a crash of this process.
-    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA synchronous={sync.upper()}")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
 
@@ -243,6 +255,15 @@ def _bump(conn: sqlite3.Connection, name: str, by: int = 1) -> None:
     )
 
 
+_INSERT_EVENT = (
+    "INSERT INTO events (id, log_id, agent, stream, seq, kind, sensor, value,"
+    " unit, time, recv_time, received_at, data, raw)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+#: Ids looked up per query when finding which events of a batch are stored already.
+_LOOKUP_CHUNK = 500
+
+
 def store_batch(
     conn: sqlite3.Connection, batch: IngestBatch, received_at: float, source: str = "http"
 ) -> tuple[int, int]:
@@ -250,19 +271,32 @@ def store_batch(
 
     Each non-empty batch also leaves a `deliveries` row: where it came from, and its lag
     (`received_at` minus the newest `recv_time` in it: how long the agent held it).
+
+    Set-based, not one statement per event: the ids already stored are looked up once, the
+    new events go in with one `executemany`, and the per-stream and per-sensor tallies are
+    summed here and written once per stream and sensor, which is what lets one endpoint take
+    a fast agent's batches. The result is the same as storing the events one by one.
     """
-    accepted = 0
+    fresh: dict[str, IngestEvent] = {}
+    for ev in batch.events:
+        fresh.setdefault(ev.id, ev)  # an id twice in one batch: the second is a duplicate
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for ev in batch.events:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO events (id, log_id, agent, stream, seq, kind, sensor, value,"
-                " unit, time, recv_time, received_at, data, raw)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ids = list(fresh)
+        for i in range(0, len(ids), _LOOKUP_CHUNK):
+            chunk = ids[i : i + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for (known,) in conn.execute(f"SELECT id FROM events WHERE id IN ({marks})", chunk):
+                del fresh[known]
+        new = list(fresh.values())
+        log_id, agent = batch.log_id, batch.agent
+        conn.executemany(
+            _INSERT_EVENT,
+            (
                 (
                     ev.id,
-                    batch.log_id,
-                    batch.agent,
+                    log_id,
+                    agent,
                     ev.stream,
                     ev.seq,
                     ev.kind,
@@ -274,18 +308,20 @@ def store_batch(
                     received_at,
                     json.dumps(ev.data) if ev.data is not None else None,
                     ev.raw,
-                ),
-            )
-            if cur.rowcount != 1:
-                continue
-            accepted += 1
-            conn.execute(
-                "INSERT INTO streams (stream, count) VALUES (?, 1) "
-                "ON CONFLICT (stream) DO UPDATE SET count = count + 1",
-                (ev.stream,),
-            )
-            if ev.sensor is not None and ev.stream in ("readings", "aggregates"):
-                _update_sensor(conn, ev)
+                )
+                for ev in new
+            ),
+        )
+        accepted = len(new)
+        streams: dict[str, int] = {}
+        for ev in new:
+            streams[ev.stream] = streams.get(ev.stream, 0) + 1
+        conn.executemany(
+            "INSERT INTO streams (stream, count) VALUES (?, ?) "
+            "ON CONFLICT (stream) DO UPDATE SET count = count + excluded.count",
+            streams.items(),
+        )
+        _update_sensors(conn, new)
         duplicates = len(batch.events) - accepted
         if duplicates:
             _bump(conn, "duplicates", duplicates)
@@ -310,31 +346,57 @@ def store_batch(
     return accepted, duplicates
 
 
-def _update_sensor(conn: sqlite3.Connection, ev: IngestEvent) -> None:
-    conn.execute("INSERT OR IGNORE INTO sensors (sensor) VALUES (?)", (ev.sensor,))
-    if ev.stream == "readings":
-        # Backlogs arrive late and out of order: "last" means the newest event time.
-        conn.execute(
-            "UPDATE sensors SET count = count + 1,"
-            " unit = CASE WHEN coalesce(last_time, :t) <= :t THEN :unit ELSE unit END,"
-            " last_value = CASE WHEN coalesce(last_time, :t) <= :t THEN :value ELSE last_value END,"
-            " last_time = max(coalesce(last_time, :t), :t)"
-            " WHERE sensor = :sensor",
-            {"t": ev.time, "unit": ev.unit, "value": ev.value, "sensor": ev.sensor},
-        )
-    else:
-        conn.execute(
-            "UPDATE sensors SET agg_kind = ?, agg_value = ?, agg_time = ?, agg_data = ?"
-            " WHERE sensor = ? AND (agg_time IS NULL OR ? >= agg_time)",
+def _update_sensors(conn: sqlite3.Connection, new: list[IngestEvent]) -> None:
+    """The sensors' tallies for newly stored events: per sensor, the readings counted and the
+    newest reading and aggregate (by event time; on a tie the later one in the batch, as
+    applying them one by one would leave it)."""
+    counts: dict[str, int] = {}
+    newest: dict[str, IngestEvent] = {}
+    newest_agg: dict[str, IngestEvent] = {}
+    for ev in new:
+        sensor = ev.sensor
+        if sensor is None:
+            continue
+        if ev.stream == "readings":
+            counts[sensor] = counts.get(sensor, 0) + 1
+            last = newest.get(sensor)
+            if last is None or ev.time >= last.time:
+                newest[sensor] = ev
+        elif ev.stream == "aggregates":
+            counts.setdefault(sensor, 0)
+            last = newest_agg.get(sensor)
+            if last is None or ev.time >= last.time:
+                newest_agg[sensor] = ev
+    if not counts:
+        return
+    conn.executemany("INSERT OR IGNORE INTO sensors (sensor) VALUES (?)", ((s,) for s in counts))
+    # Backlogs arrive late and out of order: "last" means the newest event time.
+    conn.executemany(
+        "UPDATE sensors SET count = count + :n,"
+        " unit = CASE WHEN coalesce(last_time, :t) <= :t THEN :unit ELSE unit END,"
+        " last_value = CASE WHEN coalesce(last_time, :t) <= :t THEN :value ELSE last_value END,"
+        " last_time = max(coalesce(last_time, :t), :t)"
+        " WHERE sensor = :sensor",
+        (
+            {"n": counts[s], "t": ev.time, "unit": ev.unit, "value": ev.value, "sensor": s}
+            for s, ev in newest.items()
+        ),
+    )
+    conn.executemany(
+        "UPDATE sensors SET agg_kind = ?, agg_value = ?, agg_time = ?, agg_data = ?"
+        " WHERE sensor = ? AND (agg_time IS NULL OR ? >= agg_time)",
+        (
             (
                 ev.kind,
                 ev.value,
                 ev.time,
                 json.dumps(ev.data) if ev.data is not None else None,
-                ev.sensor,
+                s,
                 ev.time,
-            ),
-        )
+            )
+            for s, ev in newest_agg.items()
+        ),
+    )
 
 
 def _counter(conn: sqlite3.Connection, name: str) -> int:
@@ -947,6 +1009,7 @@ def _page() -> str:
 class CloudServer:
     """The ingestion endpoint. `start` binds (port 0 picks a free port), `stop` closes.
 
+    `sync` is how durable a 200 is (see `connect`): `full` unless a benchmark says otherwise.
     All database work runs on one dedicated thread, so a commit's fsync never stalls the
     event loop and the connection is never shared between threads. HTTP bodies and MQTT
     messages are stored through the same `ingest`.
@@ -973,8 +1036,12 @@ class CloudServer:
         seed: int = 0,
         max_body: int = 32 * 1024 * 1024,
         clock: Callable[[], float] = time.time,
+        sync: str = "full",
     ) -> None:
+        if sync not in SYNC_LEVELS:
+            raise ValueError(f"sync must be one of {', '.join(SYNC_LEVELS)}, not {sync!r}")
         self.db_path = Path(db_path)
+        self.sync = sync
         self.host = host
         self.token = token
         self.faults = Faults()
@@ -1021,7 +1088,7 @@ class CloudServer:
             return
         self._page = _page()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-db")
-        self._conn = await self._db(lambda: connect(self.db_path, create=True))
+        self._conn = await self._db(lambda: connect(self.db_path, create=True, sync=self.sync))
         app = web.Application(client_max_size=self.max_body)
         app.router.add_get("/", self._index)
         app.router.add_post("/ingest", self._ingest)

@@ -648,6 +648,7 @@ async def test_cli_cloud_faults_and_mqtt(
         (["--latency", "-1"], "latency must be >= 0"),
         (["--mqtt-url", "http://x"], "mqtt://host:port"),
         (["--mqtt-topic", "a/#"], "--mqtt-topic needs --mqtt-url"),
+        (["--sync", "sometimes"], "use one of full, normal, off"),
     ],
 )
 def test_cli_cloud_bad_options(args: list[str], message: str) -> None:
@@ -658,3 +659,56 @@ def test_cli_cloud_bad_options(args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["cloud", "--port", "0", *args])
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.parametrize(("sync", "pragma"), [("full", 2), ("normal", 1), ("off", 0)])
+async def test_sync_sets_how_durable_a_200_is(
+    tmp_path: Path, session: aiohttp.ClientSession, sync: str, pragma: int
+) -> None:
+    """`--sync` (benchmarks) only changes the fsync: the batch is stored and deduped as ever."""
+    async with CloudServer(tmp_path / "cloud.db", sync=sync) as srv:
+        conn = srv._conn
+        assert conn is not None  # the pragma is the connection's, read on its own thread
+        assert await srv._db(lambda: conn.execute("PRAGMA synchronous").fetchone()[0]) == pragma
+        assert await post(session, f"{srv.url}/ingest", readings(range(1, 4))) == (
+            200, {"accepted": 3, "duplicates": 0}
+        )  # fmt: skip
+        assert await post(session, f"{srv.url}/ingest", readings(range(3, 5))) == (
+            200, {"accepted": 1, "duplicates": 1}
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="sync must be one of"):
+        CloudServer(tmp_path / "other.db", sync="sometimes")
+
+
+async def test_a_batch_is_stored_as_if_event_by_event(
+    server: CloudServer, session: aiohttp.ClientSession
+) -> None:
+    """Ids twice in one batch, readings out of event-time order, aggregates and readings of
+    one sensor in one batch: the tallies are those of storing each event in turn."""
+    t = 1_764_170_000.0
+    body = batch(
+        event("readings", 1, sensor="s", value=1.0, unit="C", time=t + 5),
+        event("readings", 2, sensor="s", value=2.0, unit="F", time=t + 1),  # older: not "last"
+        event("readings", 1, sensor="s", value=1.0, unit="C", time=t + 5),  # the same id again
+        event("readings", 3, sensor="s", value=3.0, unit="K", time=t + 5),  # a tie: the later
+        event("aggregates", 1, "aggregate", sensor="s", value=9.0, time=t + 2, data={"w": 1}),
+        event("aggregates", 2, "aggregate", sensor="s", value=8.0, time=t + 1, data={"w": 2}),
+        event("agent", 1, "agent.started"),
+    )
+    assert await post(session, f"{server.url}/ingest", body) == (
+        200, {"accepted": 6, "duplicates": 1}
+    )  # fmt: skip
+    with CloudStore(server.db_path) as store:
+        summary = store.summary()
+        assert summary["streams"] == {"agent": 1, "aggregates": 2, "readings": 3}
+        assert summary["duplicates"] == 1
+        sensor = summary["sensors"]["s"]
+        assert (sensor["count"], sensor["last_value"], sensor["unit"]) == (3, 3.0, "K")
+        assert sensor["last_time"] == t + 5
+        assert sensor["aggregate"]["value"] == 9.0 and sensor["aggregate"]["data"] == {"w": 1}
+    # An older reading arriving later (a backlog) counts but does not become "last".
+    late = batch(event("readings", 4, sensor="s", value=4.0, unit="C", time=t))
+    assert (await post(session, f"{server.url}/ingest", late))[0] == 200
+    with CloudStore(server.db_path) as store:
+        sensor = store.summary()["sensors"]["s"]
+        assert (sensor["count"], sensor["last_value"]) == (4, 3.0)
