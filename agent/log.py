@@ -24,7 +24,7 @@ import secrets
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -69,8 +69,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     stream INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    time REAL NOT NULL,
+    kind TEXT,
+    time REAL,
     recv_time REAL NOT NULL,
     mono REAL NOT NULL,
     sensor TEXT,
@@ -95,7 +95,13 @@ _INSERT = (
     "INSERT INTO events (stream, seq, kind, time, recv_time, mono, sensor, value, unit, data, raw)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_SELECT = "SELECT seq, kind, time, recv_time, mono, sensor, value, unit, data, raw FROM events"
+# A reading's row leaves `kind` NULL (its stream says it) and `time` NULL when it equals the
+# receive time (a device that sends no clock): 15 of ~73 bytes per reading, which the SD card
+# gets twice (WAL, then checkpoint) and the quota holds 25 % more of. Readers fill them in.
+_SELECT = (
+    "SELECT seq, coalesce(kind, 'reading'), coalesce(time, recv_time), recv_time, mono, sensor,"
+    " value, unit, data, raw FROM events"
+)
 
 
 #: Each stream's newest seq as `(code, seq)` rows, for tools reading the log beside the agent:
@@ -155,6 +161,23 @@ class LogStats:
 
 
 def _reading_row(code: int, seq: int, r: Reading) -> tuple[Any, ...]:
+    return (
+        code,
+        seq,
+        None,  # kind: `reading` (see _SELECT)
+        None if r.event_time == r.recv_time else r.event_time,
+        r.recv_time,
+        r.mono,
+        r.sensor,
+        r.value,
+        r.unit,
+        None,
+        None,
+    )
+
+
+def _full_reading_row(code: int, seq: int, r: Reading) -> tuple[Any, ...]:
+    """A reading's row for logs created before rows were compact (NOT NULL kind and time)."""
     return (
         code,
         seq,
@@ -306,6 +329,8 @@ class EventLog:
         self._heads: dict[Stream, int] = dict.fromkeys(Stream, 0)
         self._tails: dict[Stream, int] = dict.fromkeys(Stream, 1)
         self._cursors: dict[tuple[str, Stream], int] = {}
+        # _full_reading_row for a log created before reading rows were compact.
+        self._reading_row: Callable[[int, int, Reading], tuple[Any, ...]] = _reading_row
         # The newest committed events per stream, contiguous seqs ending at the head.
         self._recent: dict[Stream, deque[Event]] = {s: deque(maxlen=RECENT) for s in Stream}
         self._writer_db: aiosqlite.Connection | None = None
@@ -376,6 +401,10 @@ class EventLog:
             # After a checkpoint the WAL file is cut back to this, so it stays bounded on disk.
             await db.execute("PRAGMA journal_size_limit=16777216")
             await db.executescript(_SCHEMA)
+            async with db.execute("PRAGMA table_info(events)") as cur:
+                notnull = {row[1]: row[3] for row in await cur.fetchall()}
+            old_schema = bool(notnull.get("kind") or notnull.get("time"))
+            self._reading_row = _full_reading_row if old_schema else _reading_row
             self.log_id = await self._load_log_id(db)
             await self._load_positions(db)
         except sqlite3.DatabaseError:
@@ -578,12 +607,13 @@ class EventLog:
 
         def rows() -> Iterator[tuple[Any, ...]]:
             read_code, dead_code = STREAM_CODES[Stream.READINGS], STREAM_CODES[Stream.DEADLETTER]
+            reading_row = self._reading_row
             for sub, start in zip(batch, starts, strict=True):
                 seq, dead = start[Stream.READINGS], start[Stream.DEADLETTER]
                 for r in sub.readings:
                     if type(r) is Reading:
                         seq += 1
-                        yield _reading_row(read_code, seq, r)
+                        yield reading_row(read_code, seq, r)
                     else:
                         dead += 1
                         yield _rejected_row(dead_code, dead, r)  # type: ignore[arg-type]
@@ -857,7 +887,8 @@ class EventLog:
         code = STREAM_CODES[stream]
         lo = self._tails[stream]
         async with db.execute(
-            "SELECT count(*), min(recv_time), max(recv_time), min(time), max(time)"
+            "SELECT count(*), min(recv_time), max(recv_time),"
+            " min(coalesce(time, recv_time)), max(coalesce(time, recv_time))"
             " FROM events WHERE stream=? AND seq BETWEEN ? AND ?",
             (code, lo, upto),
         ) as cur:

@@ -13,7 +13,7 @@ import pytest
 
 from agent.config import LogConfig
 from agent.events import Event, NewEvent, Reading, Rejected, Stream
-from agent.log import CursorUpdate, EventLog
+from agent.log import _SCHEMA, CursorUpdate, EventLog
 
 
 def reading(i: int, sensor: str = "t1", t: float | None = None) -> Reading:
@@ -282,3 +282,40 @@ async def test_recent_events_from_memory_equal_the_stored_ones(log_path: Path) -
         await log.append([reading(i) for i in range(10)])
         middle = await log.read(Stream.READINGS, 8, limit=3)
         assert [e.seq for e in middle] == [9, 10, 11]
+
+
+async def test_reading_rows_are_compact_and_read_back_whole(log_path: Path) -> None:
+    """A reading's row stores no kind and no time equal to its receive time (bytes on the SD
+    card); what is read back is the whole event."""
+    now = time.time()
+    async with EventLog.open(log_path, FAST) as log:
+        await log.append([Reading("t1", 1.0, "C", now, now, 1.0, "x")])
+        await log.append([Reading("t1", 2.0, "C", now - 5, now, 2.0, "x")])  # a device clock
+        log._recent[Stream.READINGS].clear()
+        events = await log.read(Stream.READINGS, 0)
+    assert [(e.kind, e.time, e.recv_time) for e in events] == [
+        ("reading", now, now),
+        ("reading", now - 5, now),
+    ]
+    con = sqlite3.connect(log_path)
+    rows = con.execute("SELECT kind, time FROM events WHERE stream=1 ORDER BY seq").fetchall()
+    con.close()
+    assert rows == [(None, None), (None, now - 5)]
+
+
+async def test_a_log_with_the_older_full_rows_keeps_working(log_path: Path) -> None:
+    """Logs created before compact rows have NOT NULL kind and time: they get full rows."""
+    con = sqlite3.connect(log_path)
+    con.executescript(
+        _SCHEMA.replace("kind TEXT,", "kind TEXT NOT NULL,").replace(
+            "time REAL,", "time REAL NOT NULL,"
+        )
+    )
+    con.close()
+    async with EventLog.open(log_path, FAST) as log:
+        await log.append([reading(1), reading(2)])
+        log._recent[Stream.READINGS].clear()
+        assert [e.kind for e in await log.read(Stream.READINGS, 0)] == ["reading", "reading"]
+    con = sqlite3.connect(log_path)
+    assert con.execute("SELECT count(*) FROM events WHERE kind='reading'").fetchone() == (2,)
+    con.close()
