@@ -28,7 +28,7 @@ def _http_url(url: str) -> str:
     return url
 
 
-#: A URL that must be http:// or https:// (kept as text: aiohttp takes it as written).
+#: A URL that must be http:// or https:// (kept as text: the HTTP clients take it as written).
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
@@ -663,6 +663,20 @@ class HttpUpstreamConfig(UpstreamBaseConfig):
     cert_file: Path | None = None
     key_file: Path | None = None
     retry_status: list[int] = [401, 403, 408, 429]
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
+        token = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+        for name, value in headers.items():
+            if not token.match(name):
+                raise ValueError(f"{name!r} is not a header name (letters, digits, -)")
+            if any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 for ch in value):
+                raise ValueError(f"the value of header {name} holds control characters")
+            # The agent frames each request itself: these would contradict or break it.
+            if name.lower() in ("content-length", "transfer-encoding", "host", "expect"):
+                raise ValueError(f"header {name} is set by the agent, not by configuration")
+        return headers
 
     @field_validator("retry_status")
     @classmethod

@@ -255,71 +255,72 @@ class WireEncoder:
 
     ASCII only (non-ASCII is escaped), so a text's length is its size in bytes. Readings, the
     bulk, take a fast path that writes the same text `json.dumps(event.to_wire(log_id))` would,
-    without building the dict: the parts that repeat (stream and kind, sensor and unit) are
-    encoded once and kept (a bounded cache), and so is the last receive time, which every
-    reading of one input batch shares. Float formatting is most of what is left.
+    without building the dict: everything but the seq and the three floats is the same for every
+    reading of a sensor, so it is encoded once into a %-template (a bounded cache), which one
+    `%` fills; and the times are formatted once for a run of readings that share them (an input
+    batch shares its receive time, a message of many readings its device time). Float
+    formatting (`repr`, as json does) is most of what is left.
     """
 
     CACHED = 10_000
 
     def __init__(self, log_id: str) -> None:
         self.log_id = log_id
-        self._heads: dict[tuple[str, str], tuple[str, str, str]] = {}
-        self._sensors: dict[tuple[str, str | None], tuple[str, str]] = {}
-        self._time = (0.0, "0.0")
+        self._templates: dict[tuple[str, str, str, str | None], str] = {}
 
-    def _head(self, stream: str, kind: str) -> tuple[str, str, str]:
-        parts = self._heads.get((stream, kind))
-        if parts is None:
-            parts = (
-                f'{{"id":"{self.log_id}:{stream}:',
-                f',"stream":{json.dumps(stream)},"seq":',
-                f',"kind":{json.dumps(kind)},"time":',
-            )
-            if len(self._heads) < self.CACHED:
-                self._heads[(stream, kind)] = parts
-        return parts
-
-    def _sensor(self, sensor: str, unit: str | None) -> tuple[str, str]:
-        parts = self._sensors.get((sensor, unit))
-        if parts is None:
-            parts = (
-                f',"sensor":{json.dumps(sensor)},"value":',
-                "}" if unit is None else f',"unit":{json.dumps(unit)}}}',
-            )
-            if len(self._sensors) < self.CACHED:
-                self._sensors[(sensor, unit)] = parts
-        return parts
+    def _template(self, key: tuple[str, str, str, str | None]) -> str:
+        stream, kind, sensor, unit = key
+        # A literal '%' (in a name, or the log id) must not be read as a conversion.
+        literals = [
+            f'{{"id":"{self.log_id}:{stream}:',
+            f'","stream":{json.dumps(stream)},"seq":',
+            f',"kind":{json.dumps(kind)},"time":',
+            ',"recv_time":',
+            f',"sensor":{json.dumps(sensor)},"value":',
+            "}" if unit is None else f',"unit":{json.dumps(unit)}}}',
+        ]
+        conversions = ["%d", "%d", "%s", "%s", "%r", ""]
+        template = "".join(
+            text.replace("%", "%%") + conversion
+            for text, conversion in zip(literals, conversions, strict=True)
+        )
+        if len(self._templates) < self.CACHED:
+            self._templates[key] = template
+        return template
 
     def event(self, e: Event) -> str:
         """One event's wire JSON."""
-        value, sensor = e.value, e.sensor
-        if (
-            sensor is None
-            or value is None
-            or e.data is not None
-            or e.raw is not None
-            or not (isfinite(value) and isfinite(e.time) and isfinite(e.recv_time))
-        ):
-            return json.dumps(e.to_wire(self.log_id), separators=(",", ":"))
-        id_, stream_seq, kind_time = self._head(e.stream, e.kind)
-        sensor_value, unit_end = self._sensor(sensor, e.unit)
-        last, text = self._time
-        recv = e.recv_time
-        if recv != last or not recv:  # 0.0 == -0.0, but they print differently
-            text = repr(recv)
-            self._time = (recv, text)
-        when = text if e.time == recv and recv else repr(e.time)
-        seq = e.seq
-        return (
-            f'{id_}{seq}"{stream_seq}{seq}{kind_time}{when},"recv_time":{text}'
-            f"{sensor_value}{value!r}{unit_end}"
-        )
+        return self.events((e,))[0]
 
     def events(self, events: Iterable[Event]) -> list[str]:
         """Each event's wire JSON."""
-        encode = self.event
-        return [encode(e) for e in events]
+        out: list[str] = []
+        append = out.append
+        templates = self._templates
+        last_recv = last_time = 0.0
+        recv_text = time_text = "0.0"
+        for e in events:
+            value, sensor, when, recv = e.value, e.sensor, e.time, e.recv_time
+            if (
+                sensor is None
+                or value is None
+                or e.data is not None
+                or e.raw is not None
+                # One call for three: a sum is finite only if all are (or, rarely, overflows
+                # to inf, which only sends a finite event the slow way).
+                or not isfinite(value + when + recv)
+            ):
+                append(json.dumps(e.to_wire(self.log_id), separators=(",", ":")))
+                continue
+            if recv != last_recv or not recv:  # 0.0 == -0.0, but they print differently
+                last_recv, recv_text = recv, repr(recv)
+            if when != last_time or not when:
+                last_time, time_text = when, repr(when)
+            key = (e.stream, e.kind, sensor, e.unit)
+            template = templates.get(key) or self._template(key)
+            seq = e.seq
+            append(template % (seq, seq, time_text, recv_text, value))
+        return out
 
 
 def batch_body(log_id: str, agent: str, events_json: str) -> bytes:
@@ -647,7 +648,8 @@ def describe_tls_error(exc: BaseException) -> str | None:
     """What a refused TLS handshake means, in words that say what to check; None if `exc`
     is not a TLS error."""
     cause: BaseException | None = exc
-    # aiohttp wraps the ssl module's error (`certificate_error`, or as the cause).
+    # The ssl module's error, as raised (the HTTP client, paho) or wrapped by aiohttp (the
+    # webhook action: `certificate_error`, or as the cause).
     for _ in range(8):
         if cause is None or hasattr(cause, "verify_code"):
             break

@@ -163,3 +163,21 @@ def test_readme_carries_the_example_config_verbatim() -> None:
     readme = (REPO / "README.md").read_text()
     example = (REPO / "config" / "agent.example.yaml").read_text().rstrip("\n")
     assert f"```yaml\n{example}\n```" in readme, "README's config reference is out of date"
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ('"X Bad": v', "'X Bad' is not a header name"),
+        ('X-Ok: "a\\r\\nInjected: 1"', "the value of header X-Ok holds control characters"),
+        ("Content-Length: '5'", "header Content-Length is set by the agent"),
+    ],
+)
+def test_http_upstream_headers_that_cannot_be_sent_are_config_errors(
+    header: str, message: str
+) -> None:
+    text = f"upstreams:\n  - type: http\n    name: c\n    url: https://x\n    headers:\n      {header}\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yaml")
+    (issue,) = [str(i) for i in info.value.issues]
+    assert issue.startswith("c.yaml:6:7: upstreams[0].headers") and message in issue, issue

@@ -118,9 +118,9 @@ upstreams:
         return _readings(db) >= 10
 
     modules = modules_of_run(tmp_path, config, device_heard)
-    for needed in ("serial", "aiohttp", "aiosqlite", "numpy", "pydantic"):
+    for needed in ("serial", "agent.httpclient", "aiosqlite", "numpy", "pydantic"):
         assert loaded(modules, needed), needed
-    for unused in ("paho", "prometheus_client", "aiohttp.web", "rich"):
+    for unused in ("paho", "prometheus_client", "aiohttp", "rich"):
         assert not loaded(modules, unused), f"{unused} imported with nothing using it"
 
 

@@ -26,6 +26,7 @@ from agent.upstream import Upstream, WireEncoder
 from agent.upstream_http import HttpUpstream, parse_retry_after
 from simulator.cloud import CloudServer, CloudStore
 from tests.conftest import eventually, free_port
+from tests.test_httpclient import Conn, RawServer
 
 
 def upstream(url: str, **kw: object) -> HttpUpstream:
@@ -409,6 +410,73 @@ async def test_one_upstream_hanging_never_delays_another(tmp_path: Path) -> None
         assert store.count("readings") == 2000 and store.count("alerts") == 4
     with CloudStore(tmp_path / "alerts.db") as store:
         assert store.count() == store.count("alerts") == 4
+
+
+# --------------------------------------------------------------------------- the connection
+
+NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+async def test_batches_share_a_connection_and_an_idle_close_costs_no_failure(
+    tmp_path: Path,
+) -> None:
+    """The endpoint (a load balancer with a short idle timeout, say) closes each connection
+    after two answers, just as the third request arrives: the upstream sends it again on a
+    new connection, without counting a failure or waiting out a backoff."""
+    stored: set[str] = set()
+
+    async def script(conn: Conn) -> None:
+        for _ in range(2):
+            request = await conn.request()
+            if request is None:
+                return
+            stored.update(e["id"] for e in json.loads(request.body)["events"])
+            await conn.send(NO_CONTENT)
+        await conn.request()
+        conn.writer.close()
+
+    async with RawServer(script) as server, EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 100)
+        up = upstream(server.url, batch_size=10, gzip=False, backoff_initial=5, backoff_max=5)
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="delivery")
+        log_id = log.log_id
+    assert stored == {f"{log_id}:readings:{i}" for i in range(1, 101)}
+    assert up.status.failures == 0 and up.status.batches == 10
+    assert server.accepts == 5
+    assert len(server.requests) == 10 + 4, "each request the closing connections took, again"
+
+
+async def test_a_malformed_answer_is_retried_and_says_what_was_wrong(tmp_path: Path) -> None:
+    answers = iter([b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n"])
+
+    async def script(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(next(answers, NO_CONTENT))
+
+    async with RawServer(script) as server, EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 10)
+        up = upstream(server.url)
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="delivery")
+    assert up.status.failures == 1
+    assert up.status.last_error == "a malformed answer: an invalid Content-Length 'lots'"
+
+
+async def test_a_header_that_would_inject_fields_is_an_error_not_a_request(
+    tmp_path: Path,
+) -> None:
+    async with Endpoint() as endpoint, EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 10)
+        up = upstream(endpoint.url)
+        # The config refuses such a header at load (test_config.py); the client is the last
+        # line of defence for a config that was built without validation.
+        up.cfg = up.cfg.model_copy(update={"headers": {"X-Device": "pi-1\r\nX-Admin: yes"}})
+        async with Running(log, up):
+            await eventually(lambda: up.status.failures >= 2, what="retries")
+        assert log.cursor(up.consumer, Stream.READINGS) == 0
+    assert (up.status.last_error or "").startswith("upstream c: header X-Device: the value")
+    assert not endpoint.requests
 
 
 # --------------------------------------------------------------------------- HTTPS
