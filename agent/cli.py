@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
-import signal
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,53 +45,11 @@ def check(config: ConfigArg) -> None:
 @app.command()
 def run(config: ConfigArg) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
-    cfg = _load(config)
-    from agent.preflight import key_file_problems
+    from agent.daemon import run_agent
 
-    problems = key_file_problems(cfg)
-    for problem in problems:
-        typer.echo(problem, err=True)
-    if problems:
-        raise typer.Exit(1)
-    logging.basicConfig(
-        level=cfg.agent.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from agent.notify import Notifier
-    from agent.runtime import Agent
-
-    async def main() -> None:
-        # Taken out of the environment, so command actions cannot speak for the agent.
-        agent = Agent(cfg, Notifier.from_env(unset=True))
-        loop = asyncio.get_running_loop()
-
-        def on_hup() -> None:
-            logging.getLogger("agent").info("SIGHUP received: reloading %s", config)
-            agent.request_reload(config)
-
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
-
-        def on_signal(signame: str) -> None:
-            logging.getLogger("agent").info("%s received", signame)
-            agent.stop()
-            # A bound on shutdown whatever hangs: what is committed is safe either way.
-            loop.call_later(cfg.agent.shutdown_timeout + 5, _force_exit)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig.name)
-        await agent.run()
-
-    try:
-        asyncio.run(main())
-    except Exception as exc:  # the last line of defence: one clear line, not a traceback
-        logging.getLogger("agent").critical("agent failed: %s", exc, exc_info=True)
-        raise typer.Exit(1) from None
-
-
-def _force_exit() -> None:
-    logging.getLogger("agent").error("shutdown took too long; exiting now")
-    os._exit(1)
+    code = run_agent(config)
+    if code:
+        raise typer.Exit(code)
 
 
 def _open_ro(cfg: AgentConfig) -> sqlite3.Connection:

@@ -48,6 +48,8 @@ TARGET_BYTES = 300.0  # written per reading
 READINGS = 1  # STREAM_CODES[Stream.READINGS], read here without importing the agent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("agent", "drivers")
 
 CONFIG = """\
 agent:
@@ -184,7 +186,7 @@ def _stop(p: subprocess.Popen[Any], within: float = 20.0) -> int | None:
 def idle_rss() -> int:
     """Peak RSS of an interpreter that imported what the agent imports and did nothing."""
     code = (
-        "import agent.cli, agent.runtime, agent.upstream_http, drivers.serial, "
+        "import agent.daemon, agent.runtime, agent.upstream_http, drivers.serial, "
         "aiosqlite, pathlib; "
         "print(next(l for l in pathlib.Path('/proc/self/status').read_text().splitlines() "
         "if l.startswith('VmHWM:')).split()[1])"
@@ -225,11 +227,22 @@ def soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         _wait(tty.exists, 30, "no serial port link")
         config = root / "agent.yaml"
         config.write_text(CONFIG.format(data=data, tty=tty, url=url))
+        # As installed: pip compiles the package to bytecode at install time. Where the
+        # environment forbids writing bytecode (PYTHONDONTWRITEBYTECODE), the agent would
+        # compile its sources at every start, which a Pi never does; compile them first.
+        agent_env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", *PACKAGES],
+            env=agent_env,
+            cwd=REPO,
+            check=False,
+            capture_output=True,
+        )
         agent = subprocess.Popen(
             [*py, "agent", "run", str(config)],
             stdout=logs["agent"],
             stderr=subprocess.STDOUT,
-            env=env,
+            env=agent_env,
         )
         procs.append(agent)
         _wait(lambda: readings_head(db) > 0 or agent.poll() is not None, 60, "no readings")

@@ -31,7 +31,7 @@ import atexit, json, sys
 out, config = sys.argv[1:]
 atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
 sys.argv = ["edge-agent", "run", config]
-from agent.cli import main
+from agent.daemon import main
 main()
 """
 
@@ -120,7 +120,7 @@ upstreams:
     modules = modules_of_run(tmp_path, config, device_heard)
     for needed in ("serial", "agent.httpclient", "aiosqlite", "numpy", "pydantic"):
         assert loaded(modules, needed), needed
-    for unused in ("paho", "prometheus_client", "aiohttp", "rich"):
+    for unused in ("paho", "prometheus_client", "aiohttp", "rich", "typer", "click"):
         assert not loaded(modules, unused), f"{unused} imported with nothing using it"
 
 
@@ -161,12 +161,12 @@ inputs:
 def test_importing_the_run_path_loads_no_optional_library() -> None:
     # What bench/soak.py measures as "agent imported, idle": the modules alone, no config.
     code = (
-        "import json, sys, agent.cli, agent.runtime, agent.upstream_http, drivers.serial; "
+        "import json, sys, agent.daemon, agent.runtime, agent.upstream_http, drivers.serial; "
         "print(json.dumps(sorted(sys.modules)))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     modules = set(json.loads(out.stdout))
-    for unused in ("paho", "prometheus_client", "aiohttp.web", "rich"):
+    for unused in ("paho", "prometheus_client", "aiohttp", "rich", "typer"):
         assert not loaded(modules, unused), unused
