@@ -11,7 +11,10 @@ Batching works as Nagle's algorithm does for TCP: an idle upstream (nothing sent
 acknowledged) sends what is committed at once, however little; while messages are in flight,
 the next batch gathers until it is full (`batch_size`), an acknowledgement leaves the upstream
 idle, or it has waited `linger`. A trickle of readings so goes out as it is committed, and a
-flood fills big batches behind the ones in flight. Alerts never wait.
+flood fills big batches behind the ones in flight. Alerts never wait. An upstream that sends
+one request at a time (HTTP) is never "in flight" when it asks for the next batch; it counts
+as busy for `linger` after each acknowledged request instead (`Feed.rested`), so a steady
+flow becomes a few large requests a second rather than one per log commit.
 
 Cursor moves are submitted to the log without waiting for their commit, so the next batch goes
 out while the last one's cursor is being written; the feed keeps its own read positions, ahead
@@ -363,6 +366,9 @@ class Feed:
         self._ahead: tuple[Stream, int, asyncio.Future[list[Event]]] | None = None
         # While a batch gathers behind messages in flight: when it goes regardless (linger).
         self._gather_until: float | None = None
+        #: Monotonic time until which the upstream counts as busy though nothing is in flight
+        #: (set by upstreams that send one request at a time, after each request).
+        self.rested = 0.0
 
     async def open(self, event_log: EventLog) -> None:
         """Register the cursors and start from them (applying a replay asked for meanwhile)."""
@@ -445,7 +451,8 @@ class Feed:
     def _gathering(self, pending: Sequence[Stream], stop: asyncio.Event) -> bool:
         """Whether the next batch should wait to fill: messages are in flight, no lane has a
         full batch waiting, no alert waits, and the linger deadline (if one runs) is ahead."""
-        if self.cfg.linger <= 0 or self.status.inflight <= 0 or stop.is_set():
+        busy = self.status.inflight > 0 or time.monotonic() < self.rested
+        if self.cfg.linger <= 0 or not busy or stop.is_set():
             return False
         if Stream.ALERTS in pending:
             return False
@@ -461,6 +468,8 @@ class Feed:
         now = time.monotonic()
         if self._gather_until is None:
             self._gather_until = now + self.cfg.linger
+            if self.status.inflight <= 0:  # busy only until rested
+                self._gather_until = min(self._gather_until, self.rested)
         left = self._gather_until - now
         if wake is not None and wake.is_set():
             return False

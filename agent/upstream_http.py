@@ -168,6 +168,9 @@ class HttpUpstream:
             except _Abandoned:
                 return
             self._backoff.reset()
+            # The next request waits up to `linger` to fill unless the log has a full batch
+            # (see agent/upstream.py: one request at a time is never "in flight").
+            self.feed.rested = time.monotonic() + self.cfg.linger
             await self.feed.ack([(piece.stream, piece.last_seq)])
             self.status.sent += len(piece.events)
             self.status.batches += 1

@@ -126,6 +126,29 @@ async def test_http_a_lone_reading_does_not_wait_for_linger(tmp_path: Path) -> N
                 await eventually(lambda: store.count("readings") == 1, within=2.0)
 
 
+async def test_http_a_steady_flow_becomes_a_few_requests_a_second(tmp_path: Path) -> None:
+    """One request at a time is never in flight when the next batch is asked for: within
+    `linger` of the last request the next one gathers, so readings committed 50 times a
+    second go out in about 1/linger requests a second, not 50, and none is left behind."""
+    linger = 0.3
+    async with CloudServer(tmp_path / "cloud.db") as cloud:
+        up = upstream(cloud.url + "/ingest", linger=linger, batch_size=10_000)
+        async with (
+            EventLog.open(tmp_path / "e.db", LogConfig(commit_interval=0.0)) as log,
+            Running(log, up),
+        ):
+            start = time.monotonic()
+            sent = 0
+            while time.monotonic() - start < 1.5:
+                await fill(log, 1, start=sent)
+                sent += 1
+                await asyncio.sleep(0.02)  # a pace, not a wait for a result
+            elapsed = time.monotonic() - start
+            await eventually(lambda: up.status.sent == sent, within=3.0)
+    assert sent >= 40
+    assert up.status.batches <= elapsed / linger + 2, (up.status.batches, sent)
+
+
 def batch_sizes(messages: list[tuple[str, bytes]]) -> list[int]:
     return [len(json.loads(payload)["events"]) for _, payload in messages]
 
