@@ -2,10 +2,20 @@
 
 The client runs on the event loop, as aiomqtt does: only `connect()` (DNS, TCP and the TLS
 handshake block) runs in an executor thread, and the loop takes the socket over once it returns;
-from then on the loop calls `loop_read`/`loop_write` when the socket is ready and a small task
-calls `loop_misc` for keepalives. No paho network thread exists, so paho is never touched from
-two threads at once. `loop_misc` closes a connection whose broker answers no PINGREQ within the
+from then on the loop reads and writes when the socket is ready and a small task calls
+`loop_misc` for keepalives. No paho network thread exists, so paho is never touched from two
+threads at once. `loop_misc` closes a connection whose broker answers no PINGREQ within the
 keepalive, and iteration then raises `DriverError`: the runtime's reconnect loop takes over.
+
+The read path is the driver's own for PUBLISH packets, the bulk: paho 2.x reads one packet per
+`loop_read` whatever `max_packets` says, in three system calls, and builds a message object
+with a lock in it (some 40 us a message on a loaded 2-core test machine: two fifths of the
+agent's CPU with one reading per message), and its `ack` writes each PUBACK with a system call
+of its own. The socket paho holds is a `_Wire`, which reads in large chunks into a buffer; the
+driver takes the PUBLISH packets (QoS 0 and 1) out of it, and hands paho every other packet
+(CONNACK, SUBACK, PINGRESP, DISCONNECT), whole, through `loop_read`, so paho keeps the session,
+the keepalive and the disconnect reasons. So the messages of one socket wake-up become one
+batch: one submission to the log, and once it is committed one write of all their PUBACKs.
 
 Nothing is lost when the agent dies: QoS 1 on a persistent session (MQTT 3.1.1 clean session
 off; MQTT 5 clean start off with a session expiry interval) and `manual_ack`, so a PUBACK leaves
@@ -36,10 +46,12 @@ import contextlib
 import json
 import logging
 import re
-import select
+import socket
 import ssl
+import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -57,13 +69,31 @@ from drivers.decoders import LineDecoder, decode_json, decoder_for
 
 log = logging.getLogger(__name__)
 
+#: A batch takes messages until it holds this many, or this many readings (a message may hold
+#: a hundred): one batch is one submission to the log, whose queue holds 50,000 by default.
 _MAX_BATCH = 1000
+_MAX_ITEMS = 5000
+#: What one socket wake-up reads at most; TCP holds the rest back at the broker.
+_READ_LIMIT = 256 * 1024
+_CHUNK = 64 * 1024
+#: A PUBACK packet as a big-endian uint32: type 4, remaining length 2, the packet id below.
+_PUBACK = 0x40020000
 #: How long `close` waits for the runtime to acknowledge batches it already took: their
 #: commit is usually one group commit away, and a PUBACK sent now saves a redelivery later.
 _ACK_GRACE = 0.5
-#: Line decoders kept for sensor names taken from topics (they are cheap to build again).
+#: How long `close` waits for the DISCONNECT to go out, and then for the broker to close its
+#: side of the connection (which tells that it has read our last PUBACKs).
+_LINGER = 1.0
+#: Line decoders kept for sensor names taken from topics (they are cheap to build again), and
+#: topics kept with their sensor names.
 _MAX_TOPIC_DECODERS = 1024
+_MAX_TOPICS = 4096
 _MISSING = object()
+
+#: A topic as it arrives, and the sensor its levels name (None when the template does not match).
+_Topic = tuple[str, str | None]
+#: A message waiting for iteration: its topic, payload, packet id and QoS.
+_Message = tuple[_Topic, bytes, int, int]
 
 
 def topic_pattern(template: str) -> re.Pattern[str]:
@@ -122,6 +152,117 @@ class _LastError(logging.Handler):
         log.debug("paho: %s", self.message)
 
 
+class _Wire:
+    """The broker connection as paho sees it (its `_sock`), with a read buffer in front.
+
+    `fill` reads what the socket has, in large chunks, into `buf`; the driver takes the PUBLISH
+    packets out of it and lets paho read the others through `recv`, never more than `allow`
+    bytes (whole packets), so paho's reader is always between packets when the driver parses.
+    Once the socket ended (`ended`: EOF, or `error`), `finish` lets paho read the rest and then
+    find the end, which it reports as a lost connection. On the event loop thread only.
+    """
+
+    __slots__ = ("allow", "buf", "ended", "error", "finishing", "lingering", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.allow = 0
+        self.ended = False
+        self.error: OSError | None = None
+        self.finishing = False
+        # Set by the driver's `close`: paho's close then only half-closes (see `linger`).
+        self.lingering = False
+
+    def fill(self, limit: int) -> None:
+        """Read what the socket holds, about `limit` bytes at most, without blocking."""
+        sock, buf = self.sock, self.buf
+        start = len(buf)
+        tls = isinstance(sock, ssl.SSLSocket)
+        while not self.ended and len(buf) - start < limit:
+            try:
+                chunk = sock.recv(_CHUNK)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError as exc:
+                self.ended, self.error = True, exc
+                return
+            if not chunk:
+                self.ended = True
+                return
+            buf += chunk
+            # A short read emptied the kernel's buffer: asking again would only say so. (TLS
+            # hands out a record at a time, so it reads on until it would block.)
+            if len(chunk) < _CHUNK and not tls:
+                return
+
+    def finish(self) -> None:
+        """Let paho read all that is left, then the end."""
+        self.finishing = True
+        self.allow = len(self.buf)
+
+    async def linger(self, within: float) -> None:
+        """After the half close: read and drop the input until the broker closes its side, for
+        `within` seconds at most; then close."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        sock = self.sock
+        try:
+            while not self.ended and loop.time() < deadline:
+                self.buf.clear()
+                self.fill(_READ_LIMIT)
+                if self.ended:
+                    break
+                readable = loop.create_future()
+                loop.add_reader(sock, _resolve, readable)
+                try:
+                    await asyncio.wait_for(readable, max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    break
+                finally:
+                    loop.remove_reader(sock)
+        except (OSError, ValueError):
+            pass  # closed meanwhile: nothing more to wait for
+        finally:
+            self.buf.clear()
+            sock.close()
+
+    # What paho calls (`SocketLike`).
+
+    def recv(self, bufsize: int) -> bytes:
+        n = min(bufsize, self.allow)
+        if n > 0:
+            buf = self.buf
+            out = bytes(buf[:n])
+            del buf[:n]  # cheap: a bytearray drops its head by moving its start
+            self.allow -= len(out)
+            return out
+        if self.finishing and self.ended and not self.buf:
+            if self.error is not None:
+                raise self.error
+            return b""  # EOF
+        raise BlockingIOError
+
+    def send(self, data: bytes | bytearray) -> int:
+        return self.sock.send(data)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def pending(self) -> int:
+        return len(self.buf)
+
+    def close(self) -> None:
+        if self.lingering:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+            return
+        self.sock.close()
+
+
 class MqttDriver:
     """Readings from MQTT subscriptions.
 
@@ -149,7 +290,12 @@ class MqttDriver:
         self._paho_log.addHandler(self._paho_errors)
         self._closed = asyncio.Event()
         self._client: mqtt.Client | None = None
-        self._queue: asyncio.Queue[mqtt.MQTTMessage] = asyncio.Queue()
+        self._wire: _Wire | None = None
+        # Messages read and not taken by iteration yet; `_waiter` is iteration waiting for
+        # more, for the end of the connection, or for `close`.
+        self._inbox: deque[_Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._topics: dict[bytes, _Topic] = {}
         # Per connection: `_ready` holds None once usable, or why the broker refused it;
         # `_lost` why it became unusable (iteration raises that).
         self._ready: asyncio.Future[str | None] | None = None
@@ -177,7 +323,8 @@ class MqttDriver:
         loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._closed.clear()
-        self._queue = asyncio.Queue()
+        self._inbox = deque()
+        self._wire = None
         self._ready = loop.create_future()
         self._lost = loop.create_future()
         self._paused = False
@@ -330,22 +477,103 @@ class MqttDriver:
 
     def _watch(self, client: mqtt.Client) -> None:
         sock = client.socket()
-        if sock is None:
+        if not isinstance(sock, socket.socket):  # an SSLSocket too
             raise DriverError(f"{self.name}: the connection closed while opening")
+        # paho has sent CONNECT and read nothing yet: from here on it reads through the wire.
+        wire = self._wire = _Wire(sock)
+        client._sock = wire  # paho has no public way to be handed a socket
         loop = asyncio.get_running_loop()
         loop.add_reader(sock, self._read, client)
         if client.want_write():
             loop.add_writer(sock, client.loop_write)
 
     def _read(self, client: mqtt.Client) -> None:
-        client.loop_read()
-        # TLS: one socket read may decrypt several MQTT packets; paho takes one per call and
-        # the selector cannot see the rest, which would sit there until the next byte arrives.
-        sock = client.socket()
-        while isinstance(sock, ssl.SSLSocket) and sock.pending() and not self._paused:
-            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-                break
-            sock = client.socket()
+        """The socket is readable, or the wire holds what was read before a pause."""
+        wire = self._wire
+        if wire is None or not _reads(client, wire):
+            return  # paho closed it meanwhile
+        if not self._paused:
+            wire.fill(_READ_LIMIT)
+        before = len(self._inbox)
+        if self._take(client, wire) and wire.ended and not self._paused:
+            wire.finish()  # paho reads the rest, finds the end and calls the connection lost
+            client.loop_read()
+        if len(self._inbox) > before:
+            self._wake()
+
+    def _take(self, client: mqtt.Client, wire: _Wire) -> bool:
+        """Take the whole PUBLISH packets out of the wire's buffer and let paho read the others;
+        False once paho closed the connection (a protocol error)."""
+        buf = wire.buf
+        size, pos = len(buf), 0
+        inbox, topics = self._inbox, self._topics
+        limit, v5 = self.cfg.max_inflight, self._v5
+        try:
+            while pos < size and not self._paused:
+                first = buf[pos]
+                # The remaining length: 1 to 4 bytes of 7 bits, the lowest first.
+                start, length, shift = pos + 1, 0, 0
+                while True:
+                    if start >= size:
+                        return True  # not all here yet
+                    byte = buf[start]
+                    start += 1
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if byte < 0x80 or shift == 28:
+                        break
+                end = start + length
+                if byte >= 0x80:
+                    end = size  # a fifth length byte is not MQTT: paho says so, and closes
+                elif end > size:
+                    return True  # the rest of the packet is not here yet
+                taken = (first >> 4) == 3 and (first & 0x06) in (0, 2)  # PUBLISH, QoS 0 or 1
+                if taken:
+                    tlen = (buf[start] << 8) | buf[start + 1] if length >= 2 else 0
+                    mark = start + 2 + tlen
+                    name = bytes(buf[start + 2 : mark])
+                    qos = (first >> 1) & 3
+                    mid = 0
+                    if qos and mark + 2 <= end:
+                        mid = (buf[mark] << 8) | buf[mark + 1]
+                        mark += 2
+                    if v5:  # properties: their length, then them (none the driver uses)
+                        plen = shift = 0
+                        while mark < end and shift < 28:
+                            byte = buf[mark]
+                            mark += 1
+                            plen |= (byte & 0x7F) << shift
+                            shift += 7
+                            if byte < 0x80:
+                                break
+                        mark += plen
+                    # Malformed (the lengths do not add up), or no topic (an MQTT 5 alias,
+                    # which the driver never allows): paho's, which knows what to say.
+                    taken = length >= 2 and mark <= end and bool(name) and (mid > 0 or not qos)
+                if not taken:
+                    del buf[:pos]
+                    wire.allow = end - pos
+                    pos = 0
+                    rc = client.loop_read()
+                    wire.allow = 0
+                    if rc != mqtt.MQTT_ERR_SUCCESS or not _reads(client, wire):
+                        return False
+                    size = len(buf)
+                    continue
+                payload = bytes(buf[mark:end])
+                pos = end
+                topic = topics.get(name)
+                if topic is None:
+                    topic = self._topic(name)
+                if first & 0x09 and not self._keep(client, first, mid, qos):  # DUP or RETAIN
+                    continue
+                inbox.append((topic, payload, mid, qos))
+                if len(inbox) >= limit:
+                    self._pause(client)
+            return True
+        finally:
+            if pos:
+                del buf[:pos]
 
     async def _misc_loop(self, client: mqtt.Client) -> None:
         tick = min(1.0, self.cfg.keepalive / 4)
@@ -442,25 +670,54 @@ class MqttDriver:
     def _break(self, why: str) -> None:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(why)
+        self._wake()
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        if msg.retain and not msg.dup and self._session_present and not self._v5:
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _topic(self, name: bytes) -> _Topic:
+        """A topic's text and sensor, kept: a device publishes on the same few topics."""
+        if len(self._topics) >= _MAX_TOPICS:
+            self._topics.clear()
+        # MQTT topics are UTF-8, which brokers check; a bad one shows escaped, never raises.
+        text = name.decode("utf-8", "backslashreplace")
+        topic = self._topics[name] = (text, self._sensor_from_topic(text))
+        return topic
+
+    def _keep(self, client: mqtt.Client, flags: int, mid: int, qos: int) -> bool:
+        """Whether a message with the DUP or RETAIN flag (`flags`, the PUBLISH's first byte)
+        goes on to the log; one that does not is acknowledged now."""
+        dup, retain = flags & 0x08, flags & 0x01
+        if retain and not dup and self._session_present and not self._v5:
             # A stored value sent again because we resubscribed (see the module docstring).
             # A DUP one is an unacknowledged delivery coming back: that one is kept.
             self.counters["retained_skipped"] += 1
-            if msg.qos:
-                client.ack(msg.mid, msg.qos)
-            return
-        if msg.dup:
+            if qos:
+                _puback(client, [mid])
+            return False
+        if dup:
             self.counters["redelivered"] += 1
-        self._queue.put_nowait(msg)
-        # QoS 1: the broker's in-flight window (MQTT 5: our Receive Maximum) already bounds
-        # this queue, as nothing is acknowledged before its commit. QoS 0 has no window: stop
-        # reading and let TCP push back on the broker.
-        if self._queue.qsize() >= self.cfg.max_inflight:
-            self._pause(client)
+        return True
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Only for a PUBLISH `_take` left to paho because it looked malformed and paho did not
+        # think so: never in practice, and then it goes the same way.
+        flags = (0x08 if msg.dup else 0) | (0x01 if msg.retain else 0)
+        if flags and not self._keep(client, flags, msg.mid, msg.qos):
+            return
+        try:
+            name = msg.topic.encode()
+        except UnicodeDecodeError:  # decoded as any other, on a topic that names no sensor
+            name = b"(not UTF-8)"
+        self._inbox.append((self._topic(name), bytes(msg.payload), msg.mid, msg.qos))
+        self._wake()
 
     def _pause(self, client: mqtt.Client) -> None:
+        # QoS 1: the broker's in-flight window (MQTT 5: our Receive Maximum) already bounds the
+        # inbox, as nothing is acknowledged before its commit. QoS 0 has no window: stop reading
+        # and let TCP push back on the broker.
         sock = client.socket()
         if not self._paused and sock is not None:
             self._paused = True
@@ -473,7 +730,7 @@ class MqttDriver:
             self._paused = False
             loop = asyncio.get_running_loop()
             loop.add_reader(sock, self._read, client)
-            loop.call_soon(self._read, client)  # TLS may hold bytes the selector cannot see
+            loop.call_soon(self._read, client)  # what the wire holds, the selector cannot see
 
     # ------------------------------------------------------------------ iteration
 
@@ -482,55 +739,55 @@ class MqttDriver:
 
     async def __anext__(self) -> Batch:
         while True:
-            batch = self._batch(await self._messages())
+            await self._arrival()
+            batch = self._batch()
             if batch.items:
                 return batch
             if batch.ack is not None:  # only empty payloads: nothing to commit first
                 batch.ack()
 
-    async def _messages(self) -> list[mqtt.MQTTMessage]:
-        if self._closed.is_set():
-            raise StopAsyncIteration
-        if self._queue.empty():
+    async def _arrival(self) -> None:
+        """Until the inbox holds a message; StopAsyncIteration once closed, DriverError once
+        the connection is lost (what it delivered before is taken first)."""
+        while True:
+            if self._closed.is_set():
+                raise StopAsyncIteration
+            if self._inbox:
+                return
             lost = self._lost
             if lost is None:
                 raise DriverError(f"{self.name}: not connected (open first)")
-            getter = asyncio.ensure_future(self._queue.get())
-            closer = asyncio.ensure_future(self._closed.wait())
-            waiters: set[asyncio.Future[Any]] = {getter, closer, lost}
+            if lost.done():
+                raise DriverError(f"{self.name}: {lost.result()}")
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                await waiter
             finally:
-                closer.cancel()
-                if not getter.done():
-                    getter.cancel()
-            if not getter.done() or getter.cancelled():
-                if self._closed.is_set():
-                    raise StopAsyncIteration
-                raise DriverError(f"{self.name}: {lost.result() if lost.done() else 'closed'}")
-            messages = [getter.result()]
-        else:
-            messages = []
-        while len(messages) < _MAX_BATCH and not self._queue.empty():
-            messages.append(self._queue.get_nowait())
-        if self._paused and self._queue.qsize() <= self.cfg.max_inflight // 2:
-            self._resume()
-        return messages
+                self._waiter = None
 
-    def _batch(self, messages: list[mqtt.MQTTMessage]) -> Batch:
-        """Decoded items and the acknowledgement of their messages (empty payloads: none)."""
+    def _batch(self) -> Batch:
+        """The messages of the inbox (up to a bound) as one batch: their items and the
+        acknowledgement of those with QoS 1 (empty payloads included: they hold no item)."""
+        inbox = self._inbox
         items: list[Reading | Rejected] = []
+        mids: list[int] = []
         now, mono = time.time(), time.monotonic()
-        for msg in messages:
-            items.extend(self._decode_message(msg, now, mono))
-        acks = [(m.mid, m.qos) for m in messages if m.qos > 0]
-        if not acks or self._client is None:
+        taken = 0
+        while inbox and taken < _MAX_BATCH and len(items) < _MAX_ITEMS:
+            topic, raw, mid, qos = inbox.popleft()
+            taken += 1
+            if qos:
+                mids.append(mid)
+            self._decode_message(items, topic, raw, now, mono)
+        if self._paused and len(inbox) <= self.cfg.max_inflight // 2:
+            self._resume()
+        if not mids or self._client is None:
             return Batch(items, None)
-        return Batch(items, self._acknowledger(self._client, acks))
+        return Batch(items, self._acknowledger(self._client, mids))
 
-    def _acknowledger(self, client: mqtt.Client, acks: list[tuple[int, int]]) -> Callable[[], None]:
+    def _acknowledger(self, client: mqtt.Client, mids: list[int]) -> Callable[[], None]:
         unacked, all_acked = self._unacked, self._all_acked
-        token = id(acks)
+        token = id(mids)
         unacked.add(token)
         all_acked.clear()
 
@@ -542,41 +799,37 @@ class MqttDriver:
                 all_acked.set()
             # A packet id belongs to its connection: after a reconnect the broker redelivers.
             if client.is_connected():
-                for mid, qos in acks:
-                    client.ack(mid, qos)
+                _puback(client, mids)
 
         return ack
 
     # ------------------------------------------------------------------ decoding
 
     def _decode_message(
-        self, msg: mqtt.MQTTMessage, now: float, mono: float
-    ) -> list[Reading | Rejected]:
-        raw = bytes(msg.payload)
+        self, items: list[Reading | Rejected], topic: _Topic, raw: bytes, now: float, mono: float
+    ) -> None:
+        """Append what one message holds to `items`: its readings, or why it is rejected."""
+        text, topic_sensor = topic
         if len(raw) > self.cfg.max_payload:
-            detail = f"{len(raw)} bytes on {msg.topic}"
-            return [self._reject(raw[: self.cfg.max_payload], "oversized", detail, now, mono)]
-        topic_sensor = self._sensor_from_topic(msg.topic)
-        if self.cfg.format == "number":
-            result = self._decode_number(raw, topic_sensor, msg.topic)
-        elif self.cfg.format == "json":
+            detail = f"{len(raw)} bytes on {text}"
+            items.append(self._reject(raw[: self.cfg.max_payload], "oversized", detail, now, mono))
+            return
+        fmt = self.cfg.format
+        if fmt == "json":
             result = self._decode_json(raw, topic_sensor)
+        elif fmt == "number":
+            result = self._decode_number(raw, topic_sensor, text)
         else:
-            result = self._decode_lines(raw, topic_sensor, msg.topic)
+            result = self._decode_lines(raw, topic_sensor, text)
         if isinstance(result, Invalid):
-            return [self._reject(raw, result.reason, result.detail, now, mono)]
-        return [
-            Reading(
-                s.sensor,
-                s.value,
-                s.unit,
-                s.time if s.time is not None else now,
-                now,
-                mono,
-                self.name,
+            items.append(self._reject(raw, result.reason, result.detail, now, mono))
+            return
+        name, append = self.name, items.append
+        for s in result:
+            when = s.time
+            append(
+                Reading(s.sensor, s.value, s.unit, now if when is None else when, now, mono, name)
             )
-            for s in result
-        ]
 
     def _sensor_from_topic(self, topic: str) -> str | None:
         m = self._pattern.match(topic)
@@ -697,6 +950,7 @@ class MqttDriver:
         redelivered next time.
         """
         self._closed.set()
+        self._wake()
         client, self._client = self._client, None
         if client is None:
             await self._stop_misc()
@@ -707,24 +961,23 @@ class MqttDriver:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._all_acked.wait(), _ACK_GRACE)
         await self._stop_misc()
-        if client.is_connected():
-            # Closing a TCP socket with unread input sends a RST, and the broker then discards
-            # what it had not read yet, our last PUBACKs included: read everything pending
-            # first (messages read now are never acked, so the broker keeps them), then let
-            # the PUBACKs and the DISCONNECT go out before paho closes the socket.
-            sock = client.socket()
-            for _ in range(10 * _MAX_BATCH):  # bounded: a QoS 0 flood never ends by itself
-                if sock is None or not select.select([sock], [], [], 0)[0]:
-                    break
-                if client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
-                    break
-                sock = client.socket()
+        wire = self._wire
+        if client.is_connected() and wire is not None and _reads(client, wire):
+            # The last PUBACKs count only once the broker has read them, and it drops what
+            # it has not read when the connection ends: by a RST, which closing a socket with
+            # unread input sends, or by a takeover, when the agent comes back at once under
+            # the same client id. So paho's close only half-closes the socket after the
+            # DISCONNECT, and the rest of the input (messages never acknowledged, which the
+            # broker keeps) is read and dropped until the broker closes its side: it has then
+            # read everything before the DISCONNECT.
+            wire.lingering = True
             client.disconnect()
             client.loop_write()
             lost = self._lost
             if lost is not None and client.socket() is not None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(lost), 2.0)
+                    await asyncio.wait_for(asyncio.shield(lost), _LINGER)
+            await wire.linger(_LINGER)
         _close_socket(client)
 
     async def _stop_misc(self) -> None:
@@ -733,6 +986,27 @@ class MqttDriver:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._misc
             self._misc = None
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _reads(client: mqtt.Client, wire: _Wire) -> bool:
+    """Whether paho still reads through `wire` (it drops its socket when it closes it)."""
+    return client.socket() is wire
+
+
+def _puback(client: mqtt.Client, mids: list[int]) -> None:
+    """Acknowledge the QoS 1 messages `mids` in one write.
+
+    paho's `ack` queues each PUBACK as a packet of its own, and writes each with a system call
+    of its own; these four-byte packets are the same for MQTT 3.1.1 and 5 (success, no reason
+    code), so they go to paho's output queue as one, after what it queued before.
+    """
+    data = struct.pack(f">{len(mids)}I", *[_PUBACK | mid for mid in mids])
+    client._packet_queue(mqtt.PUBACK, data, 0, 0)
 
 
 def _abandon(connecting: asyncio.Future[None], client: mqtt.Client) -> None:
@@ -745,7 +1019,8 @@ def _close_socket(client: mqtt.Client) -> None:
     sock = client.socket()
     if sock is None:
         return
-    with contextlib.suppress(RuntimeError):  # no running loop: never registered
+    # RuntimeError: no running loop, so never registered; ValueError: closed already.
+    with contextlib.suppress(RuntimeError, ValueError):
         loop = asyncio.get_running_loop()
         loop.remove_reader(sock)
         loop.remove_writer(sock)

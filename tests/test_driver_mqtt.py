@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import re
+import socket
 import time
 from base64 import b64encode
 from collections.abc import Callable
@@ -19,9 +20,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.config import MqttInputConfig
 from agent.events import Reading, Rejected
+from drivers import mqtt as mqtt_driver
 from drivers.base import Batch, DriverError
 from drivers.mqtt import MqttDriver, topic_pattern
 from tests.conftest import Broker, TlsBroker, eventually, free_port
@@ -461,7 +465,7 @@ async def test_qos0_flood_pauses_reading_at_max_inflight(broker: Broker) -> None
     await driver.open()
     try:
         publish(broker, [("t/pi/s", b'{"value": %d}' % i) for i in range(100)], qos=0)
-        await eventually(lambda: driver._queue.qsize() >= 10, what="the queue to fill")
+        await eventually(lambda: len(driver._inbox) >= 10, what="the inbox to fill")
         first = await asyncio.wait_for(anext(aiter(driver)), 10)
         assert len(first.items) == 10 and first.ack is None
         rest = await collect(driver, 90)
@@ -469,6 +473,131 @@ async def test_qos0_flood_pauses_reading_at_max_inflight(broker: Broker) -> None
         await driver.close()
     values = [r.value for r in first.items + rest if isinstance(r, Reading)]
     assert values == [float(i) for i in range(100)]
+
+
+# --------------------------------------------------------------------------- the read path
+
+
+def publish_packet(topic: str, payload: bytes, mid: int, *, v5: bool, flags: int = 0) -> bytes:
+    """A PUBLISH as a broker sends it (QoS 1 when `mid`, else 0; MQTT 5 with properties)."""
+    body = len(topic).to_bytes(2, "big") + topic.encode()
+    if mid:
+        body += mid.to_bytes(2, "big")
+    if v5:  # a payload format indicator and a user property, which the driver skips
+        props = b"\x01\x01" + b"\x26" + b"\x00\x01k" + b"\x00\x02vv"
+        body += bytes([len(props)]) + props
+    body += payload
+    size, length = len(body), bytearray()
+    while True:
+        size, digit = size >> 7, size & 0x7F
+        length.append(digit | (0x80 if size else 0))
+        if not size:
+            break
+    return bytes([0x30 | (0x02 if mid else 0) | flags]) + bytes(length) + body
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1000, 1 << 20])
+def test_publish_packets_are_taken_whole_however_the_bytes_arrive(
+    protocol: str, chunk: int
+) -> None:
+    """The driver frames PUBLISH packets itself, and leaves paho every other packet, whole:
+    a PINGRESP in between still reaches paho, whatever the bytes' grouping into reads."""
+    v5 = protocol == "5"
+    big = b"[" + b",".join(b'{"sensor":"s","value":%d}' % i for i in range(3000)) + b"]"
+    stream = b"".join(
+        [
+            publish_packet("t/pi/a", b'{"value": 1}', 1, v5=v5),
+            publish_packet("t/pi/b", b'{"value": 2}', 0, v5=v5),
+            b"\xd0\x00",  # PINGRESP
+            publish_packet("t/pi/c", big, 65535, v5=v5),  # over 16 KiB: a 3-byte length
+            publish_packet("t/pi/a", b'{"value": 3}', 7, v5=v5, flags=0x08),  # DUP
+            publish_packet("t/pi/a", b"", 8, v5=v5),
+        ]
+    )
+    cfg = MqttInputConfig.model_validate(
+        {"type": "mqtt", "name": "m", "protocol": protocol, "topic_template": "t/{device}/{sensor}"}
+    )
+    driver = MqttDriver(cfg)
+    client = driver._new_client(tls=False)
+    with socket.socket() as sock:
+        wire = mqtt_driver._Wire(sock)
+        client._sock = wire  # as `open` hands it over
+        client._ping_t = 1.0  # a PINGREQ is out
+        for i in range(0, len(stream), chunk):
+            wire.buf += stream[i : i + chunk]
+            assert driver._take(client, wire)
+        assert not wire.buf
+    assert client._ping_t == 0, "paho read the PINGRESP"
+    assert [(t[0][0], t[0][1], t[2], t[3]) for t in driver._inbox] == [
+        ("t/pi/a", "pi.a", 1, 1),
+        ("t/pi/b", "pi.b", 0, 0),
+        ("t/pi/c", "pi.c", 65535, 1),
+        ("t/pi/a", "pi.a", 7, 1),
+        ("t/pi/a", "pi.a", 8, 1),
+    ]
+    assert [t[1] for t in driver._inbox] == [
+        b'{"value": 1}',
+        b'{"value": 2}',
+        big,
+        b'{"value": 3}',
+        b"",
+    ]
+    assert driver.counters["redelivered"] == 1
+
+
+async def test_a_burst_of_messages_large_and_small_all_arrive_once(broker: Broker) -> None:
+    """Many messages per socket read, and one larger than a read: each arrives once, in order,
+    and their PUBACKs (a write per batch) leave nothing for the broker to send again."""
+    cfg = config(broker, max_payload="1MiB")
+    driver = MqttDriver(cfg)
+    await driver.open()
+    big = b"[" + b",".join(b'{"sensor":"big","value":%d}' % i for i in range(4000)) + b"]"
+    assert len(big) > 100_000
+    messages = [(f"t/pi/s{i % 7}", b'{"value": %d}' % i) for i in range(2000)]
+    messages.insert(1000, ("t/pi/big", big))
+    try:
+        publish(broker, messages)
+        items = await collect(driver, 2000 + 4000)
+    finally:
+        await driver.close()
+    readings = [r for r in items if isinstance(r, Reading)]
+    assert [r.value for r in readings if r.sensor != "big"] == [float(i) for i in range(2000)]
+    assert [r.value for r in readings if r.sensor == "big"] == [float(i) for i in range(4000)]
+    again = MqttDriver(cfg)
+    await again.open()
+    try:
+        publish(broker, [("t/pi/end", b'{"value": -1}')])
+        assert [r.value for r in await collect(again, 1) if isinstance(r, Reading)] == [-1.0]
+    finally:
+        await again.close()
+    assert again.counters["redelivered"] == 0
+
+
+async def test_mqtt5_messages_with_properties(broker: Broker) -> None:
+    driver = MqttDriver(config(broker, protocol=5))
+    await driver.open()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.UserProperty = [("site", "north"), ("rack", "7")]
+        props.ContentType = "application/json"
+        infos = [
+            client.publish(f"t/pi/s{i}", b'{"value": %d}' % i, qos=i % 2, properties=props)
+            for i in range(20)
+        ]
+        for info in infos:
+            info.wait_for_publish(10)
+        items = await collect(driver, 20)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        await driver.close()
+    assert [(r.sensor, r.value) for r in items if isinstance(r, Reading)] == [
+        (f"pi.s{i}", float(i)) for i in range(20)
+    ]
 
 
 # --------------------------------------------------------------------------- failures

@@ -13,12 +13,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import LogConfig, MqttUpstreamConfig
 from agent.events import Event, NewEvent, Stream
 from agent.log import EventLog
-from agent.upstream import AckWindow, write_replay_request
+from agent.upstream import AckWindow, WireEncoder, write_replay_request
 from agent.upstream_mqtt import MqttUpstream, _Link, thingsboard_entry
 from simulator.cloud import CloudServer, CloudStore, MqttSubscription
 from tests.conftest import Broker, TlsBroker, eventually
@@ -194,6 +196,36 @@ async def test_one_message_per_event_on_a_topic_template(
     # lan.h+1 was left out by the route, and its cursor moved past it all the same.
     assert log.cursor(up.consumer, Stream.READINGS) == 10
     assert up.status.filtered == 5 and up.status.max_inflight <= 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b.c", "100%", 'q"\\', "é", "%d%s"]),
+            st.none() | st.sampled_from(["C", "%", "µS"]),
+            st.floats(allow_nan=False, width=32),
+            st.sampled_from([1.5, 0.0, -0.0, 1764170000.123456, float("inf")]),
+            st.sampled_from([1.5, 0.0, -0.0, 1764170000.25]),
+            st.booleans(),
+        ),
+        max_size=30,
+    )
+)
+def test_the_wire_encoder_writes_a_batch_as_json_dumps_writes_each_event(
+    rows: list[tuple[str, str | None, float, float, float, bool]],
+) -> None:
+    """The batch path (templates per sensor, times formatted once per run of equal ones)
+    against `json.dumps` event by event; a log id with a '%' too."""
+    log_id = "3e1a%d8afd96a"
+    events = []
+    for seq, (sensor, unit, value, time_, recv, plain) in enumerate(rows, 1):
+        if plain:
+            events.append(Event("readings", seq, "reading", time_, recv, 0.0, sensor, value, unit))
+        else:  # what takes the slow path: data, no value
+            events.append(Event("agent", seq, "gap", time_, recv, 0.0, data={"input": sensor}))
+    expected = [json.dumps(e.to_wire(log_id), separators=(",", ":")) for e in events]
+    assert WireEncoder(log_id).events(events) == expected
 
 
 def test_thingsboard_entries() -> None:
