@@ -658,12 +658,19 @@ class EventLog:
             self._committed.notify_all()
 
     def _remember(self, batch: list[_Submission], starts: list[dict[Stream, int]]) -> None:
-        """Keep the events just committed as consumers will read them (`RECENT`)."""
+        """Keep the events just committed as consumers will read them (`RECENT`), for the
+        streams some consumer reads (a stream nobody reads costs nothing; its cache restarts,
+        contiguous again, once a consumer registers)."""
+        watched = {s for _, s in self._cursors}
+        for stream in Stream:
+            if stream not in watched:
+                self._recent[stream].clear()
+        keep_readings = Stream.READINGS in watched or Stream.DEADLETTER in watched
         readings, dead = self._recent[Stream.READINGS], self._recent[Stream.DEADLETTER]
         read_name = Stream.READINGS.value
         for sub, start in zip(batch, starts, strict=True):
             seq, n_dead = start[Stream.READINGS], start[Stream.DEADLETTER]
-            for r in sub.readings:
+            for r in sub.readings if keep_readings else ():
                 if type(r) is Reading:
                     seq += 1
                     readings.append(
@@ -683,6 +690,8 @@ class EventLog:
                     n_dead += 1
                     dead.append(_stored(Stream.DEADLETTER, _rejected_row(0, n_dead, r)))  # type: ignore[arg-type]
             for stream, events in sub.events.items():
+                if stream not in watched:
+                    continue
                 recent, n = self._recent[stream], start[stream]
                 for e in events:
                     n += 1

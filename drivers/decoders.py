@@ -71,6 +71,7 @@ DEFAULT_CSV_COLUMNS: tuple[str, ...] = ("sensor", "value", "unit", "time")
 # formats them.
 _MIN_TIME = 0.0
 _MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
+_EXACT_INT = 2**53  # integers a float holds exactly; larger ones take the general path
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _DETAIL_MAX = 80
 
@@ -142,6 +143,8 @@ def _unit(value: Any) -> str | Invalid | None:
 def _value(value: Any) -> float | Invalid:
     if type(value) is float and value - value == 0.0:  # finite: inf - inf and nan are nan
         return value
+    if type(value) is int and -_EXACT_INT <= value <= _EXACT_INT:  # a JSON integer
+        return float(value)
     # bool is an int in Python, but `true` is never a measurement.
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         return Invalid("not_a_number", f"value is not a number: {_show(value)}")
@@ -385,6 +388,11 @@ class JsonDecoder(LineDecoder):
             doc = json.loads(text)
         except (ValueError, RecursionError) as exc:
             return Invalid("invalid_json", str(exc)[:_DETAIL_MAX])
+        return self.decode_doc(doc)
+
+    def decode_doc(self, doc: Any) -> list[Sample] | Invalid:
+        """The readings of a JSON document already parsed: an object or a list of them (the
+        MQTT input parses once to fill in the topic's sensor, then hands the document here)."""
         if not isinstance(doc, list):
             return self._object(doc)
         samples: list[Sample] = []

@@ -65,7 +65,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.config import MqttInputConfig
 from agent.events import Invalid, Reading, Rejected, Sample
 from drivers.base import Batch, DriverError
-from drivers.decoders import LineDecoder, decode_json, decoder_for
+from drivers.decoders import JsonDecoder, LineDecoder, decode_json, decoder_for
 
 log = logging.getLogger(__name__)
 
@@ -930,6 +930,8 @@ class MqttDriver:
                 if isinstance(item, dict) and not _has_field(item, cfg.mapping.sensor):
                     item[cfg.mapping.sensor] = topic_sensor
             doc = doc if isinstance(doc, list) else items[0]
+        if isinstance(decode, JsonDecoder):  # parsed once: the decoder takes the document
+            return decode.decode_doc(doc)
         try:
             text = json.dumps(doc)
         except (ValueError, RecursionError):

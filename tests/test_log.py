@@ -253,7 +253,7 @@ async def test_recent_events_from_memory_equal_the_stored_ones(log_path: Path) -
         "aggregate", now, now, 1.0, sensor="t1", value=2, unit="C", data={"n": (1, 2), 3: "x"}
     )
     async with EventLog.open(log_path, cfg) as log:
-        await log.register("up", [Stream.READINGS])
+        await log.register("up", list(Stream))  # every stream is read: all kept in memory
         await log.append([reading(i, t=now - 3600) for i in range(3)])
         await log.append([reading(3), bad(b"\xff raw"), Reading("t2", 7, None, now, now, 2.0, "t")])
         await log.append(events={Stream.AGGREGATES: [agg], Stream.ALERTS: [agg]})
@@ -319,3 +319,15 @@ async def test_a_log_with_the_older_full_rows_keeps_working(log_path: Path) -> N
     con = sqlite3.connect(log_path)
     assert con.execute("SELECT count(*) FROM events WHERE kind='reading'").fetchone() == (2,)
     con.close()
+
+
+async def test_streams_nobody_reads_are_not_kept_in_memory(log_path: Path) -> None:
+    async with EventLog.open(log_path, FAST) as log:
+        await log.append([reading(i) for i in range(5)])
+        assert not log._recent[Stream.READINGS], "no consumer: nothing built for it"
+        await log.register("late", [Stream.READINGS])
+        await log.append([reading(i) for i in range(5, 8)])
+        assert [e.seq for e in log._recent[Stream.READINGS]] == [6, 7, 8]
+        # The late consumer still reads everything: the older part from SQLite.
+        assert [e.seq for e in await log.read(Stream.READINGS, 0)] == list(range(1, 9))
+        assert [e.seq for e in await log.read(Stream.READINGS, 6)] == [7, 8]
