@@ -554,12 +554,15 @@ def print_table(out: dict[str, Any]) -> None:
         )
         print(f"  {title + ': ' + r['name']:32}{cells}{r['arrived']:>10,}")
     print(f"  {'reference: the commit interval':32}{100.0:>10.1f}")
+    print(f"  {'reference: HTTP request spacing':32}{200.0:>10.1f}  (linger)")
     print()
-    for key in ("mqtt", "http"):
-        p50 = lat[key]["p50_ms"]
-        ok = p50 is not None and p50 < TARGET_P50 * 1000
-        shown = f"{p50:>12.1f}" if p50 is not None else f"{'-':>12}"
-        print(f"  {key} p50 < {TARGET_P50 * 1000:.0f} ms              {shown}   {_mark(ok)}")
+    p50 = lat["mqtt"]["p50_ms"]
+    ok = p50 is not None and p50 < TARGET_P50 * 1000
+    shown = f"{p50:>12.1f}" if p50 is not None else f"{'-':>12}"
+    print(f"  mqtt p50 < {TARGET_P50 * 1000:.0f} ms              {shown}   {_mark(ok)}")
+    # HTTP sends one request at a time and, under a steady flow, at most one per `linger`
+    # (fewer, larger requests: the CPU and the endpoint's per-request cost); its latency is
+    # shown, the target is the MQTT path's.
 
 
 def _positive_int(text: str) -> int:
