@@ -176,6 +176,39 @@ def _reading_row(code: int, seq: int, r: Reading) -> tuple[Any, ...]:
     )
 
 
+async def _run(db: aiosqlite.Connection, sql: str) -> None:
+    """Run a statement to its end and release it: a PRAGMA that answers a row otherwise stays
+    "in progress" until its cursor is collected, and a COMMIT meanwhile fails."""
+    async with db.execute(sql) as cur:
+        await cur.fetchall()
+
+
+_UPSERT_CURSOR = (
+    "INSERT INTO cursors (consumer, stream, seq, state, updated)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer, stream) DO UPDATE"
+    " SET seq=excluded.seq, state=excluded.state, updated=excluded.updated"
+)
+
+
+def _write(
+    conn: sqlite3.Connection,
+    rows: Iterator[tuple[Any, ...]] | None,
+    cursor_rows: Sequence[tuple[Any, ...]],
+) -> None:
+    """One commit's transaction, run in the database thread: events, then cursor moves."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if rows is not None:
+            conn.executemany(_INSERT, rows)
+        if cursor_rows:
+            conn.executemany(_UPSERT_CURSOR, cursor_rows)
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _full_reading_row(code: int, seq: int, r: Reading) -> tuple[Any, ...]:
     """A reading's row for logs created before rows were compact (NOT NULL kind and time)."""
     return (
@@ -392,14 +425,14 @@ class EventLog:
         sync = "FULL" if self.cfg.synchronous == "full" else "NORMAL"
         try:
             # Takes effect only when the file is created (WAL fixes it after that).
-            await db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute(f"PRAGMA synchronous={sync}")
+            await _run(db, f"PRAGMA page_size={PAGE_SIZE}")
+            await _run(db, "PRAGMA journal_mode=WAL")
+            await _run(db, f"PRAGMA synchronous={sync}")
             # SQLite's default 2 MiB page cache is a twentieth of the agent's memory budget on a
             # Pi; the writer only ever touches the right edge of the events table.
-            await db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            await _run(db, f"PRAGMA cache_size=-{CACHE_KIB}")
             # After a checkpoint the WAL file is cut back to this, so it stays bounded on disk.
-            await db.execute("PRAGMA journal_size_limit=16777216")
+            await _run(db, "PRAGMA journal_size_limit=16777216")
             await db.executescript(_SCHEMA)
             async with db.execute("PRAGMA table_info(events)") as cur:
                 notnull = {row[1]: row[3] for row in await cur.fetchall()}
@@ -468,7 +501,7 @@ class EventLog:
             await self._writer_task
         if self._writer_db is not None:
             with contextlib.suppress(sqlite3.Error):
-                await self._writer_db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                await _run(self._writer_db, "PRAGMA wal_checkpoint(TRUNCATE)")
             await self._writer_db.close()
         if self._reader_db is not None:
             await self._reader_db.close()
@@ -625,22 +658,11 @@ class EventLog:
 
         # No `heads` row per commit: the newest seq is in `events` itself; `_drop` writes the
         # head when it deletes, which is the only way a stream's newest events can vanish.
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            if total:
-                await db.executemany(_INSERT, rows())
-            if cursor_rows:
-                await db.executemany(
-                    "INSERT INTO cursors (consumer, stream, seq, state, updated)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer, stream) DO UPDATE"
-                    " SET seq=excluded.seq, state=excluded.state, updated=excluded.updated",
-                    cursor_rows,
-                )
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            raise
+        # The whole transaction is one call into the database thread: one hand-over each way
+        # per commit instead of one per statement (four), and no await between BEGIN and
+        # COMMIT where a cancellation could leave the transaction open. aiosqlite has no public
+        # way to run a function on its thread; `_execute` is what its own methods use.
+        await db._execute(_write, db._conn, rows() if total else None, cursor_rows)  # type: ignore[no-untyped-call]
         # Only now may consumers see the new events and sources be acknowledged.
         self._remember(batch, starts)
         self._heads = heads
@@ -847,7 +869,7 @@ class EventLog:
         try:
             await self._drop_aged()
             await self._drop_over_quota()
-            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await _run(db, "PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:
             log.error("retention pass failed, will retry: %s", exc)
 
@@ -867,7 +889,7 @@ class EventLog:
         db = self._writer_db
         assert db is not None
         # Measure with the WAL folded back into the database, so its pages are not counted twice.
-        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await _run(db, "PRAGMA wal_checkpoint(TRUNCATE)")
         used = await self.disk_usage()
         if used <= self.cfg.quota:
             return
@@ -881,7 +903,7 @@ class EventLog:
             per_event = used / total
             n = min(kept[stream], max(1, int((used - target) / per_event) + 1))
             await self._drop(stream, self._tails[stream] + n - 1, "quota")
-            await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await _run(db, "PRAGMA wal_checkpoint(TRUNCATE)")
             used = await self.disk_usage()
             if used <= target:
                 return
