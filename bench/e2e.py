@@ -67,6 +67,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 if __package__ in (None, ""):  # run as a script (`python bench/e2e.py`): find `bench`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.config import LogConfig
+from bench.common import cores as _cores
+from bench.common import mark as _mark
+from bench.common import positive_int as _positive_int
 from bench.upstream import percentiles, start_mosquitto, stop
 
 TARGET_RATE_1 = 15_000.0  # readings/s end to end, one reading per input message
@@ -416,7 +419,7 @@ def _machine() -> dict[str, Any]:
         check=False,
     ).stdout.splitlines()
     return {
-        "nproc": len(os.sched_getaffinity(0)),
+        "nproc": _cores(),
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "paho": paho.mqtt.__version__,
@@ -424,10 +427,6 @@ def _machine() -> dict[str, Any]:
         # Other work on the machine moves every figure: say how busy it was.
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def _mark(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def _ms(value: float | None) -> str:
@@ -498,13 +497,6 @@ def print_table(out: dict[str, Any]) -> None:
     for label, value, ok in rows:
         print(f"  {label:34}{value:>14}   {_mark(ok)}")
     print(f"peer (measured before, not in this run): {PEER}")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import sqlite3
 import sys
@@ -37,6 +36,13 @@ from agent.config import LogConfig, SimSensorConfig, SimulatedInputConfig
 from agent.events import Reading, Stream
 from agent.log import _INSERT, _SCHEMA, PAGE_SIZE, STREAM_CODES, Committed, EventLog, _reading_row
 from drivers.simulated import SimulatedDriver
+
+if __package__ in (None, ""):  # run as a script (`python bench/log_append.py`): find `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import cores as _cores
+from bench.common import mark as _mark
+from bench.common import non_negative_float as _non_negative_float
+from bench.common import positive_int as _positive_int
 
 TARGET_RATE = 100_000.0  # readings/s through the agent path
 TARGET_RATIO = 0.5  # of the raw limit
@@ -234,10 +240,7 @@ def _fs_type(path: Path) -> str:
 
 
 def _machine(tmp: Path) -> dict[str, Any]:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
+    cores = _cores()
     return {
         "nproc": cores,
         "cpu": platform.processor() or platform.machine(),
@@ -246,10 +249,6 @@ def _machine(tmp: Path) -> dict[str, Any]:
         "tmp_dir": str(tmp),
         "tmp_fs": _fs_type(tmp),
     }
-
-
-def _mark(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def report(
@@ -323,20 +322,6 @@ def print_table(out: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------- main
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("cannot be negative")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

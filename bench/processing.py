@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,10 @@ import numpy as np
 from agent.config import ProcessingConfig
 from agent.events import Event
 from agent.processing import Pipeline, ReadingBatch, SensorTable
+
+if __package__ in (None, ""):  # run as a script (`python bench/processing.py`): find `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import cores as _cores
 
 TARGET_RATE = 1_000_000.0  # readings/s, 100 sensors, three functions per window
 TARGET_SENSORS = 100
@@ -218,10 +222,7 @@ def run_bare(data: Data, repeat: int) -> Figures:
 
 
 def _machine() -> dict[str, Any]:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
+    cores = _cores()
     return {
         "nproc": cores,
         "cpu": platform.processor() or platform.machine(),

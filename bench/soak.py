@@ -42,6 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+if __package__ in (None, ""):  # run as a script (`python bench/soak.py`): find `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import cores as _cores
+from bench.common import mark as _mark
+
 TARGET_CPU = 5.0  # % of one core
 TARGET_RSS = 60.0  # MiB
 TARGET_BYTES = 300.0  # written per reading
@@ -300,10 +305,6 @@ def soak(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     }
 
 
-def _mark(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def print_table(args: argparse.Namespace, out: dict[str, Any], machine: dict[str, Any]) -> None:
     a, r = out["agent"], out["reference"]
     print("edge-agent bench: soak (simulator serial -> agent: window, rule, HTTP upstream)")
@@ -354,7 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = {
-        "nproc": len(os.sched_getaffinity(0)),
+        "nproc": _cores(),
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,

@@ -65,6 +65,12 @@ from agent.upstream import Upstream, WireEncoder, batch_body
 from agent.upstream_http import HttpUpstream
 from agent.upstream_mqtt import MqttUpstream
 
+if __package__ in (None, ""):  # run as a script (`python bench/upstream.py`): find `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import cores as _cores
+from bench.common import mark as _mark
+from bench.common import positive_int as _positive_int
+
 TARGET_RATE = 100_000.0  # readings/s to each upstream, with batching
 TARGET_DRAIN = 30.0  # seconds for 1,000,000 buffered readings
 TARGET_P50 = 0.100  # seconds, at 1,000 readings/s with default settings
@@ -471,10 +477,7 @@ def _pair(agent: Phase, bare: Phase) -> dict[str, Any]:
 
 
 def _machine(tmp: Path) -> dict[str, Any]:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
+    cores = _cores()
     version = subprocess.run(
         [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-h"],
         capture_output=True,
@@ -491,10 +494,6 @@ def _machine(tmp: Path) -> dict[str, Any]:
         # Other work on the machine moves every figure: say how busy it was.
         "loadavg": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def _mark(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 def print_table(out: dict[str, Any]) -> None:
@@ -563,13 +562,6 @@ def print_table(out: dict[str, Any]) -> None:
     # HTTP sends one request at a time and, under a steady flow, at most one per `linger`
     # (fewer, larger requests: the CPU and the endpoint's per-request cost); its latency is
     # shown, the target is the MQTT path's.
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
