@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,6 +166,47 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
 
 
 @dataclass(frozen=True)
+class Pki:
+    """A certificate authority of the test's own (trustme), another one to be wrong with, and
+    a client certificate (`cert_file`, `key_file`) the first one issued."""
+
+    ca: Any  # trustme.CA
+    ca_file: Path
+    other_ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def server_context(
+        self, *hosts: str, expired: bool = False, client_cert: bool = False
+    ) -> ssl.SSLContext:
+        """A TLS server context with a certificate for `hosts` (expired yesterday, if asked),
+        wanting a client certificate from this CA if asked."""
+        when: dict[str, datetime.datetime] = {}
+        if expired:
+            past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+            when = {"not_before": past - datetime.timedelta(days=30), "not_after": past}
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert(*hosts, **when).configure_cert(ctx)
+        if client_cert:
+            self.ca.configure_trust(ctx)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+
+def make_pki(d: Path) -> Pki:
+    """A `Pki` with its PEM files in `d`."""
+    import trustme
+
+    ca, other = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    other.cert_pem.write_to_path(str(d / "other-ca.pem"))
+    client = ca.issue_cert("edge-agent.example")
+    client.cert_chain_pems[0].write_to_path(str(d / "client.pem"))
+    client.private_key_pem.write_to_path(str(d / "client.key"))
+    return Pki(ca, d / "ca.pem", d / "other-ca.pem", d / "client.pem", d / "client.key")
+
+
+@dataclass(frozen=True)
 class TlsBroker:
     """A mosquitto with TLS listeners that want a client certificate, and the test's PKI.
 
@@ -182,16 +226,11 @@ class TlsBroker:
 @pytest.fixture(scope="session")
 def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     """One TLS mosquitto for the session, certificates made here by trustme."""
-    import trustme
-
     pki = tmp_path_factory.mktemp("pki")
-    ca, other_ca = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(pki / "ca.pem"))
-    other_ca.cert_pem.write_to_path(str(pki / "other-ca.pem"))
+    certs = make_pki(pki)
     for name, cert in (
-        ("server", ca.issue_cert("127.0.0.1", "localhost")),
-        ("wrong-name", ca.issue_cert("other.example")),
-        ("client", ca.issue_cert("edge-agent.example")),
+        ("server", certs.ca.issue_cert("127.0.0.1", "localhost")),
+        ("wrong-name", certs.ca.issue_cert("other.example")),
     ):
         cert.cert_chain_pems[0].write_to_path(str(pki / f"{name}.pem"))
         cert.private_key_pem.write_to_path(str(pki / f"{name}.key"))
@@ -209,9 +248,9 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
         plain=plain,
         url=f"mqtts://127.0.0.1:{ports['server']}",
         wrong_name_url=f"mqtts://127.0.0.1:{ports['wrong-name']}",
-        ca_file=pki / "ca.pem",
-        cert_file=pki / "client.pem",
-        key_file=pki / "client.key",
-        other_ca_file=pki / "other-ca.pem",
+        ca_file=certs.ca_file,
+        cert_file=certs.cert_file,
+        key_file=certs.key_file,
+        other_ca_file=certs.other_ca_file,
     )
     plain.stop()

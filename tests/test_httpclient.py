@@ -5,7 +5,6 @@ trustme, and the promise it exists for: importing the HTTP upstream leaves aioht
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import re
 import socket
@@ -30,7 +29,7 @@ from agent.httpclient import (
     ServerDisconnected,
 )
 from agent.upstream import describe_tls_error
-from tests.conftest import eventually, free_port
+from tests.conftest import eventually, free_port, make_pki
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -592,33 +591,14 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA of the test's own (trustme) and server contexts: good, for another host name,
     expired, and good but wanting a client certificate."""
-    import trustme
-
-    d = tmp_path_factory.mktemp("httpclient-pki")
-    ca, other = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    other.cert_pem.write_to_path(str(d / "other.pem"))
-    client = ca.issue_cert("edge-agent.example")
-    client.cert_chain_pems[0].write_to_path(str(d / "client.pem"))
-    client.private_key_pem.write_to_path(str(d / "client.key"))
-    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
-    certs = {
-        "good": ca.issue_cert("127.0.0.1", "::1", "localhost"),
-        "wrong-name": ca.issue_cert("other.example"),
-        "expired": ca.issue_cert(
-            "127.0.0.1", not_before=past - datetime.timedelta(days=30), not_after=past
-        ),
-        "client-cert": ca.issue_cert("127.0.0.1"),
+    certs = make_pki(tmp_path_factory.mktemp("httpclient-pki"))
+    servers = {
+        "good": certs.server_context("127.0.0.1", "::1", "localhost"),
+        "wrong-name": certs.server_context("other.example"),
+        "expired": certs.server_context("127.0.0.1", expired=True),
+        "client-cert": certs.server_context("127.0.0.1", client_cert=True),
     }
-    servers = {}
-    for name, cert in certs.items():
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(ctx)
-        if name == "client-cert":
-            ca.configure_trust(ctx)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        servers[name] = ctx
-    return Pki(d / "ca.pem", d / "other.pem", servers, (d / "client.pem", d / "client.key"))
+    return Pki(certs.ca_file, certs.other_ca_file, servers, (certs.cert_file, certs.key_file))
 
 
 def client_context(ca_file: Path, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:

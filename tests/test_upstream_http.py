@@ -4,7 +4,6 @@ aiohttp apps for what it does not do (refusals, TLS), and a socket that never an
 from __future__ import annotations
 
 import asyncio
-import datetime
 import email.utils
 import json
 import ssl
@@ -25,7 +24,7 @@ from agent.log import EventLog
 from agent.upstream import Upstream, WireEncoder
 from agent.upstream_http import HttpUpstream, parse_retry_after
 from simulator.cloud import CloudServer, CloudStore
-from tests.conftest import eventually, free_port
+from tests.conftest import eventually, free_port, make_pki
 from tests.test_httpclient import Conn, RawServer
 
 
@@ -495,35 +494,13 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA and server certificates made by the test (trustme): good, for another host, and
     expired; the good server wants a client certificate from the same CA."""
-    import trustme
-
-    d = tmp_path_factory.mktemp("https-pki")
-    ca, other = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    other.cert_pem.write_to_path(str(d / "other.pem"))
-    client = ca.issue_cert("edge-agent.example")
-    client.cert_chain_pems[0].write_to_path(str(d / "client.pem"))
-    client.private_key_pem.write_to_path(str(d / "client.key"))
-    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
-    certs = {
-        "good": ca.issue_cert("127.0.0.1", "localhost"),
-        "wrong-name": ca.issue_cert("other.example"),
-        "expired": ca.issue_cert(
-            "127.0.0.1",
-            "localhost",
-            not_before=past - datetime.timedelta(days=30),
-            not_after=past,
-        ),
+    certs = make_pki(tmp_path_factory.mktemp("https-pki"))
+    contexts = {
+        "good": certs.server_context("127.0.0.1", "localhost", client_cert=True),
+        "wrong-name": certs.server_context("other.example"),
+        "expired": certs.server_context("127.0.0.1", "localhost", expired=True),
     }
-    contexts = {}
-    for name, cert in certs.items():
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(ctx)
-        if name == "good":
-            ca.configure_trust(ctx)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        contexts[name] = ctx
-    return Pki(d / "ca.pem", d / "other.pem", d / "client.pem", d / "client.key", contexts)
+    return Pki(certs.ca_file, certs.other_ca_file, certs.cert_file, certs.key_file, contexts)
 
 
 async def test_https_with_a_private_ca_and_a_client_certificate(tmp_path: Path, pki: Pki) -> None:
