@@ -12,7 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig
+from agent.daemon import load_or_explain
 from agent.events import Stream
 from agent.log import CODE_STREAMS, HEADS_SQL, STREAM_CODES
 from agent.status import is_running, read_live
@@ -27,12 +28,10 @@ ConfigArg = Annotated[Path, typer.Argument(help="The agent's YAML config file.")
 
 
 def _load(config: Path) -> AgentConfig:
-    try:
-        return load_config(config)
-    except ConfigError as exc:
-        for issue in exc.issues:
-            typer.echo(str(issue), err=True)
-        raise typer.Exit(1) from None
+    cfg = load_or_explain(config)
+    if cfg is None:
+        raise typer.Exit(1)
+    return cfg
 
 
 @app.command()

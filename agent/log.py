@@ -211,19 +211,8 @@ def _write(
 
 def _full_reading_row(code: int, seq: int, r: Reading) -> tuple[Any, ...]:
     """A reading's row for logs created before rows were compact (NOT NULL kind and time)."""
-    return (
-        code,
-        seq,
-        "reading",
-        r.event_time,
-        r.recv_time,
-        r.mono,
-        r.sensor,
-        r.value,
-        r.unit,
-        None,
-        None,
-    )
+    row = _reading_row(code, seq, r)
+    return (*row[:2], "reading", r.event_time, *row[4:])
 
 
 def _rejected_row(code: int, seq: int, r: Rejected) -> tuple[Any, ...]:
@@ -477,19 +466,14 @@ class EventLog:
         return log_id
 
     async def _load_positions(self, db: aiosqlite.Connection) -> None:
+        async with db.execute(HEADS_SQL) as cur:
+            heads = {CODE_STREAMS[code]: seq for code, seq in await cur.fetchall()}
         for stream, code in STREAM_CODES.items():
-            async with db.execute(
-                "SELECT min(seq), max(seq) FROM events WHERE stream=?", (code,)
-            ) as cur:
+            async with db.execute("SELECT min(seq) FROM events WHERE stream=?", (code,)) as cur:
                 row = await cur.fetchone()
-            async with db.execute("SELECT seq FROM heads WHERE stream=?", (code,)) as cur:
-                head_row = await cur.fetchone()
-            lo, hi = (row or (None, None))[:2]
-            # The head survives in its own table, so seqs never repeat even after every
-            # event of a stream was dropped by the quota.
-            head = max(hi or 0, head_row[0] if head_row else 0)
-            self._heads[stream] = head
-            self._tails[stream] = lo if lo is not None else head + 1
+            lo = row[0] if row else None
+            self._heads[stream] = heads[stream]
+            self._tails[stream] = lo if lo is not None else heads[stream] + 1
         async with db.execute("SELECT consumer, stream, seq FROM cursors") as cur:
             async for consumer, code, seq in cur:
                 self._cursors[(consumer, CODE_STREAMS[code])] = seq
