@@ -364,6 +364,7 @@ class Feed:
         self._replay_checked = 0.0
         self._last_commit: asyncio.Future[Any] | None = None
         self._ahead: tuple[Stream, int, asyncio.Future[list[Event]]] | None = None
+        self._stopping: tuple[asyncio.Event, asyncio.Future[Any]] | None = None
         # While a batch gathers behind messages in flight: when it goes regardless (linger).
         self._gather_until: float | None = None
         #: Monotonic time until which the upstream counts as busy though nothing is in flight
@@ -381,6 +382,15 @@ class Feed:
     def _log(self) -> EventLog:
         assert self.log is not None, "open the feed first"
         return self.log
+
+    def stopped(self, stop: asyncio.Event) -> asyncio.Future[Any]:
+        """A future that ends when `stop` is set, shared by every wait of this feed: never
+        cancel it. A task of its own for each wait (a few per batch, many batches a second)
+        cost more than the waiting."""
+        held = self._stopping
+        if held is None or held[0] is not stop or (held[1].done() and not stop.is_set()):
+            held = self._stopping = (stop, asyncio.ensure_future(stop.wait()))
+        return held[1]
 
     def pending(self) -> list[Stream]:
         """Lanes with committed events past their position, in priority order."""
@@ -407,14 +417,16 @@ class Feed:
         pending = self.pending()
         if not pending:
             self._gather_until = None
-            waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+            waiters: list[asyncio.Future[Any]] = []
             if wake is not None:
                 waiters.append(asyncio.ensure_future(wake.wait()))
             if not (stop.is_set() or (wake is not None and wake.is_set())):
                 waiters.append(
                     asyncio.ensure_future(event_log.wait_any(self.streams, self.positions, within))
                 )
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [self.stopped(stop), *waiters], return_when=asyncio.FIRST_COMPLETED
+                )
             for w in waiters:
                 w.cancel()
             return None
@@ -479,16 +491,17 @@ class Feed:
             s: self.positions[s] + (0 if s == Stream.ALERTS else size - 1) for s in self.streams
         }
         waiters: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(stop.wait()),
             asyncio.ensure_future(event_log.wait_any(self.streams, full)),
         ]
         if wake is not None:
             waiters.append(asyncio.ensure_future(wake.wait()))
         try:
             await asyncio.wait(
-                waiters, timeout=min(left, within), return_when=asyncio.FIRST_COMPLETED
+                [self.stopped(stop), *waiters],
+                timeout=min(left, within),
+                return_when=asyncio.FIRST_COMPLETED,
             )
-            filled = waiters[1].done()
+            filled = waiters[0].done()
         finally:
             for w in waiters:
                 w.cancel()
@@ -542,6 +555,9 @@ class Feed:
         if self._ahead is not None:
             self._ahead[2].cancel()
             self._ahead = None
+        if self._stopping is not None:
+            self._stopping[1].cancel()
+            self._stopping = None
         future = self._last_commit
         if future is not None and not future.done():
             with contextlib.suppress(TimeoutError, Exception):

@@ -34,7 +34,15 @@ from typing import Any
 
 from agent.config import LogConfig, SimSensorConfig, SimulatedInputConfig
 from agent.events import Reading, Stream
-from agent.log import _INSERT, _SCHEMA, PAGE_SIZE, STREAM_CODES, Committed, EventLog, _reading_row
+from agent.log import (
+    _INSERT_READING,
+    _SCHEMA,
+    PAGE_SIZE,
+    STREAM_CODES,
+    Committed,
+    EventLog,
+    _reading_row,
+)
 from drivers.simulated import SimulatedDriver
 
 if __package__ in (None, ""):  # run as a script (`python bench/log_append.py`): find `bench`
@@ -202,7 +210,7 @@ def raw_phase(args: argparse.Namespace, path: Path, run: AgentRun) -> PhaseResul
         start = time.perf_counter()
         for chunk in chunks:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(_INSERT, chunk)
+            db.executemany(_INSERT_READING, chunk)
             db.execute("COMMIT")
         end = time.perf_counter()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

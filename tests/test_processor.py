@@ -23,7 +23,7 @@ import pytest
 from agent.config import LogConfig, ProcessingConfig
 from agent.events import Reading, Stream
 from agent.log import CursorUpdate, EventLog
-from agent.processor import CONSUMER, FEED_INTERVAL, Processor
+from agent.processor import CONSUMER, FEED_INTERVAL, MAX_FEED_INTERVAL, Processor, feed_interval
 from tests.conftest import eventually, wait_until
 
 T0 = 1_700_000_000.0
@@ -415,13 +415,32 @@ def test_sigkill_mid_window_ends_like_an_uninterrupted_run(tmp_path: Path) -> No
     assert_same(outputs(db), want)
 
 
-async def test_a_steady_flow_is_folded_in_a_few_times_a_second(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("spec", "interval"),
+    [
+        # A rule on raw readings: folded in every FEED_INTERVAL, so it fires promptly.
+        (
+            {"windows": [{"name": "m", "size": "10s"}], "rules": [{"name": "r", "above": 1e9}]},
+            FEED_INTERVAL,
+        ),
+        # Windows only (and rules on them): a fold matters once a window is due.
+        (
+            {
+                "windows": [{"name": "m", "size": "10s"}],
+                "rules": [{"name": "r", "window": "m", "above": 1e9}],
+            },
+            MAX_FEED_INTERVAL,
+        ),
+    ],
+)
+async def test_a_steady_flow_is_folded_in_a_few_times_a_second(
+    tmp_path: Path, spec: dict[str, Any], interval: float
+) -> None:
     """Each fold costs numpy set-up whatever its size: readings committed 25 times a second are
-    folded in at most every FEED_INTERVAL, and still all of them, promptly."""
-    cfg = ProcessingConfig.model_validate(
-        {"windows": [{"name": "m", "size": "10s"}], "rules": [{"name": "r", "above": 1e9}]}
-    )
+    folded in at most every `interval`, and still all of them, promptly."""
+    cfg = ProcessingConfig.model_validate(spec)
     proc = Processor(cfg)
+    assert proc.feed_interval == interval
     feeds: list[int] = []
     real_feed = proc.pipeline.feed
 
@@ -435,16 +454,69 @@ async def test_a_steady_flow_is_folded_in_a_few_times_a_second(tmp_path: Path) -
         task = asyncio.create_task(proc.run(log, stop))
         start = time.monotonic()
         sent = 0
-        while time.monotonic() - start < 1.0:
+        while time.monotonic() - start < max(1.0, 2.5 * interval):
             now = time.time()
             await log.append([Reading("t1", 20.0, "C", now, now, time.monotonic(), "t")])
             sent += 1
             await asyncio.sleep(0.04)  # a pace, not a wait for a result
         elapsed = time.monotonic() - start
-        await eventually(lambda: proc.processed == sent, within=2 * FEED_INTERVAL + 1)
+        await eventually(lambda: proc.processed == sent, within=2 * interval + 1)
         stop.set()
         await task
     assert sum(feeds) == sent
     assert sent >= 15
-    # One fold per FEED_INTERVAL, plus the first and the one catching up at the end.
-    assert len(feeds) <= elapsed / FEED_INTERVAL + 2, feeds
+    # One fold per interval, plus the first and the one catching up at the end.
+    assert len(feeds) <= elapsed / interval + 2, feeds
+
+
+@pytest.mark.parametrize(
+    ("spec", "interval"),
+    [
+        ({"windows": [{"name": "m", "size": "1m"}]}, MAX_FEED_INTERVAL),
+        ({"windows": [{"name": "m", "size": "5s"}]}, 0.5),
+        ({"windows": [{"name": "m", "size": "1m", "step": "1s"}]}, FEED_INTERVAL),
+        ({"windows": [{"name": "m", "size": "1h"}, {"name": "q", "size": "2s"}]}, FEED_INTERVAL),
+        ({"rules": [{"name": "s", "stale": "30s"}]}, FEED_INTERVAL),
+        (
+            {
+                "windows": [{"name": "m", "size": "1m"}],
+                "rules": [{"name": "r", "window": "m", "above": 1}, {"name": "a", "above": 2}],
+            },
+            FEED_INTERVAL,
+        ),
+    ],
+)
+def test_feed_interval_is_a_tenth_of_the_shortest_window_unless_a_rule_watches_readings(
+    spec: dict[str, Any], interval: float
+) -> None:
+    assert feed_interval(ProcessingConfig.model_validate(spec)) == pytest.approx(interval)
+
+
+async def test_a_silent_sensor_is_found_stale_while_others_keep_flowing(tmp_path: Path) -> None:
+    """Folds wait for feed_interval while readings flow; the clock's checks (a stale sensor)
+    must not wait for the flow to stop."""
+    cfg = ProcessingConfig.model_validate(
+        {"rules": [{"name": "quiet", "sensors": "*", "stale": "0.5s"}]}
+    )
+    proc = Processor(cfg)
+    stop = asyncio.Event()
+
+    async def stale_alerts(log: EventLog) -> list[str | None]:
+        events = await log.read(Stream.ALERTS, 0, 100)
+        return [e.sensor for e in events if e.kind == "alert.raised"]
+
+    async with EventLog.open(tmp_path / "e.db", LogConfig(commit_interval=0)) as log:
+        task = asyncio.create_task(proc.run(log, stop))
+        now = time.time()
+        await log.append([Reading("b", 1.0, None, now, now, time.monotonic(), "t")])
+        deadline = time.monotonic() + 10
+        found: list[str | None] = []
+        while time.monotonic() < deadline and "b" not in found:
+            now = time.time()
+            await log.append([Reading("a", 1.0, None, now, now, time.monotonic(), "t")])
+            await asyncio.sleep(0.02)  # a pace, not a wait for a result
+            found = await stale_alerts(log)
+        stop.set()
+        await task
+    assert "b" in found
+    assert "a" not in found
