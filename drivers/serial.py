@@ -1,10 +1,11 @@
 """A sensor on a serial port: lines framed, decoded (json, csv, kv, regex) and batched.
 
 The port is read only when the consumer asks for the next batch, with non-blocking reads on
-its file descriptor woken by the event loop (`loop.add_reader`), so there is no reader thread
-and no queue: while the runtime is busy, the bytes wait in the kernel's tty buffer and, once
-that is full, the device blocks or its flow control kicks in. Nothing is buffered here beyond
-one partial line (at most `max_line` bytes) and one chunk.
+its file descriptor woken by the event loop (`loop.add_reader`), or, while lines keep coming,
+by a timer when the next batch is due (see BATCH_INTERVAL), so there is no reader thread and
+no queue: while the runtime is busy, the bytes wait in the kernel's tty buffer and, once that
+is full, the device blocks or its flow control kicks in. Nothing is buffered here beyond one
+partial line (at most `max_line` bytes) and one batch's bytes.
 
 A port is opened by path each time, so a `/dev/serial/by-id/...` link that udev removes on
 unplug and re-creates, pointing at a new tty, on replug is simply found again (while it is gone,
@@ -32,19 +33,25 @@ import serial
 from agent.config import SerialInputConfig
 from agent.events import Invalid, Reading, Rejected, Sample
 from drivers.base import Batch, DriverError
-from drivers.decoders import LineFramer, Oversized, Tail, decoder_for
+from drivers.decoders import LineFramer, Tail, decoder_for
 
 log = logging.getLogger(__name__)
 
-#: Bytes asked of the port per read; each read becomes (at most) one batch.
+#: Bytes asked of the port per read.
 READ_SIZE = 4096
 #: At most one batch per this interval while lines keep coming: after a short read that comes
 #: sooner than this after the previous batch, the driver waits out the rest and hands on
 #: everything that arrived meanwhile. Every batch costs a round of the event loop, a log
 #: submission and its bookkeeping whatever its size: a board at 1,000 lines/s handed on in
 #: 20 ms batches cost the agent 7.5 % of a core, in 100 ms batches 4.6 % (bench/soak.py setup,
-#: input and log only). A sensor sending less often than this is never delayed, and the log
-#: commits every 100 ms by default anyway. Reads that fill READ_SIZE never wait (fast links).
+#: input and log only). Once a batch has waited like that (lines come faster than batches),
+#: the driver does not wait for the port's next byte: it sleeps until the next batch is due
+#: and then reads what came, so the process wakes once per batch rather than twice (a wake-up
+#: costs 50-100 us of CPU before any work, its caches cold); if nothing came, it waits for the
+#: port again (and idle_timeout counts from then). A sensor sending less often than this is
+#: never delayed (its line is handed on as it arrives), and the log commits every 100 ms by
+#: default anyway. Reads that fill READ_SIZE, or gather COALESCE_BYTES, never wait: the next
+#: read follows at once.
 BATCH_INTERVAL = 0.1
 #: Most bytes gathered into one batch.
 COALESCE_BYTES = 16 * READ_SIZE
@@ -61,18 +68,20 @@ _PARITY = {
 class SerialDriver:
     """Readings from one serial port (one owner: the port is locked while open).
 
-    Each chunk read from the port becomes one `Batch` of `Reading`s and `Rejected` lines, in
-    arrival order; chunks holding no complete line yield nothing. A partial line left when the
-    driver is closed, or when the port vanishes, is dropped: it was never a reading. After each
-    `open` the bytes before the first terminator are dropped and counted in `resync_bytes`
-    (unless the decoder can tell the line is whole, see `LineDecoder.first_line`).
+    What is read from the port in one go (see BATCH_INTERVAL) becomes one `Batch` of
+    `Reading`s and `Rejected` lines, in arrival order; bytes holding no complete line yield
+    nothing. A partial line left when the driver is closed, or when the port vanishes, is
+    dropped: it was never a reading. After each `open` the bytes before the first terminator
+    are dropped and counted in `resync_bytes` (unless the decoder can tell the line is whole,
+    see `LineDecoder.first_line`).
 
     `open` and iteration raise `DriverError` when the port cannot be opened (missing, a by-id
     link gone, busy, not a tty) or vanishes (unplugged: EIO/ENODEV, hang-up), or when no byte
     came for `idle_timeout`; the runtime then closes the driver and decides whether and when to
     `open` it again.
-    `close` may be called while iteration waits for input (it then ends promptly with
-    StopAsyncIteration), and more than once. Iteration is never called concurrently with
+    `close` may be called while iteration waits for input or for the next batch to be due,
+    and more than once; iteration then ends promptly: lines already read from the port come
+    in one last batch, then StopAsyncIteration. Iteration is never called concurrently with
     itself; everything runs on the event loop thread.
     """
 
@@ -87,6 +96,9 @@ class SerialDriver:
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
         self._last_batch = -BATCH_INTERVAL  # monotonic time the last batch was handed on
+        #: Whether the last batch waited out BATCH_INTERVAL and then emptied the port: lines
+        #: come faster than batches, so the next read waits for the next batch to be due.
+        self._flowing = False
         #: Bytes dropped as the tail of a line after an open (the port joined mid-line).
         self.resync_bytes = 0
 
@@ -128,6 +140,7 @@ class SerialDriver:
                 f"serial input {self.name!r}: cannot set up {self.cfg.port}: {exc}"
             ) from exc
         self._port, self._fd, self._closed = port, fd, False
+        self._flowing = False
         self._framer.resync()
 
     def __aiter__(self) -> Self:
@@ -139,23 +152,42 @@ class SerialDriver:
                 raise StopAsyncIteration
             if self._port is None:
                 raise RuntimeError(f"serial input {self.name!r} is not open")
-            try:
-                chunk = os.read(self._fd, self._read_size)
-            except BlockingIOError:
-                await self._readable()
-                continue
-            except OSError as exc:
-                raise DriverError(f"serial input {self.name!r}: {self.cfg.port}: {exc}") from exc
-            if not chunk:
-                raise DriverError(f"serial input {self.name!r}: {self.cfg.port} hung up")
-            if len(chunk) < self._read_size and not self._closed:
-                wait = self._last_batch + BATCH_INTERVAL - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    chunk += self._more()
+            if self._flowing:
+                # Lines kept coming, so the next ones would wait for the next batch anyway:
+                # sleep until it is due and take what came. That is one wake-up per batch
+                # instead of two (the first byte, then the batch), and a wake-up costs as
+                # much CPU as decoding a few dozen lines. Nothing came: wait as below.
+                self._flowing = False
+                await self._pause(self._last_batch + BATCH_INTERVAL - time.monotonic())
+                chunk = self._more()
+                if not chunk:
+                    continue  # closed, nothing sent, or an error the next read reports
+                flowing = len(chunk) < COALESCE_BYTES
+            else:
+                try:
+                    chunk = os.read(self._fd, self._read_size)
+                except BlockingIOError:
+                    await self._readable()
+                    continue
+                except OSError as exc:
+                    raise DriverError(
+                        f"serial input {self.name!r}: {self.cfg.port}: {exc}"
+                    ) from exc
+                if not chunk:
+                    raise DriverError(f"serial input {self.name!r}: {self.cfg.port} hung up")
+                flowing = False
+                if len(chunk) < self._read_size and not self._closed:
+                    wait = self._last_batch + BATCH_INTERVAL - time.monotonic()
+                    if wait > 0:
+                        await self._pause(wait)
+                        more = self._more()
+                        chunk += more
+                        flowing = len(more) < COALESCE_BYTES
             batch = self._batch(chunk)
             if batch.items:
                 self._last_batch = time.monotonic()
+                # Not after a full read, nor after COALESCE_BYTES: a backlog is read at once.
+                self._flowing = flowing
                 return batch
 
     def _more(self) -> bytes:
@@ -172,6 +204,20 @@ class SerialDriver:
             parts.append(part)
             size += len(part)
         return b"".join(parts)
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep for `delay` seconds (if positive), or until `close`."""
+        if delay <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(delay, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            timer.cancel()
 
     async def _readable(self) -> None:
         """Wait until the port has bytes (or an error, or a hang-up), or until `close`."""
@@ -197,26 +243,29 @@ class SerialDriver:
         recv, mono = time.time(), time.monotonic()
         source, prefix = self.name, self.cfg.sensor_prefix
         items: list[Reading | Rejected] = []
+        decode = self._decode.reading
         for line in self._framer.feed(chunk):
-            samples: list[Sample] | None
-            if isinstance(line, Tail):
-                samples = None if line.raw is None else self._decode.first_line(line.raw)
-                if samples is None:
+            found: Reading | list[Sample] | Invalid | None
+            if isinstance(line, bytes):
+                found = decode(line, recv, mono, source, prefix)
+                if isinstance(found, Reading):
+                    items.append(found)
+                    continue
+                if isinstance(found, Invalid):
+                    items.append(Rejected(line, found.reason, found.detail, source, recv, mono))
+                    continue
+            elif isinstance(line, Tail):
+                found = None if line.raw is None else self._decode.first_line(line.raw)
+                if found is None:
                     self.resync_bytes += line.size
                     if line.size:
                         log.debug("%s: dropped %d bytes before the first line", source, line.size)
                     continue
-            elif isinstance(line, Oversized):
+            else:
                 detail = f"line longer than {self.cfg.max_line} bytes"
                 items.append(Rejected(line.raw, "oversized", detail, source, recv, mono))
                 continue
-            else:
-                decoded = self._decode(line)
-                if isinstance(decoded, Invalid):
-                    items.append(Rejected(line, decoded.reason, decoded.detail, source, recv, mono))
-                    continue
-                samples = decoded
-            for s in samples:
+            for s in found:
                 event_time = recv if s.time is None else s.time
                 items.append(
                     Reading(prefix + s.sensor, s.value, s.unit, event_time, recv, mono, source)
@@ -229,8 +278,8 @@ class SerialDriver:
         port, self._port = self._port, None
         if port is None:
             return
-        if self._waiter is not None:
-            asyncio.get_running_loop().remove_reader(self._fd)
+        if self._waiter is not None:  # iteration waits for the port, or for a batch to be due
+            asyncio.get_running_loop().remove_reader(self._fd)  # (none while it sleeps)
             _wake(self._waiter)
         # A vanished device can fail its close; the descriptor is released anyway.
         with contextlib.suppress(OSError):

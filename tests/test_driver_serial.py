@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
+import struct
 import termios
 import time
 import tty
@@ -20,8 +22,10 @@ import pytest
 
 from agent.config import SerialInputConfig
 from agent.events import Reading, Rejected
+from drivers import serial as serial_module
 from drivers.base import Batch, DriverError
 from drivers.serial import SerialDriver
+from tests.conftest import eventually
 
 TIMEOUT = 5.0
 
@@ -312,6 +316,119 @@ async def test_close_while_blocked_ends_iteration_promptly(driver: SerialDriver)
     await driver.close()
     await asyncio.wait_for(task, TIMEOUT)
     assert batches == []
+
+
+def unread(device: PtyDevice) -> int:
+    """Bytes waiting at the driver's end of the pty."""
+    return int(struct.unpack("i", fcntl.ioctl(device.slave, termios.FIONREAD, b"\0" * 4))[0])
+
+
+def count_readers(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The file descriptors the running loop is asked to watch from now on, one per call."""
+    loop = asyncio.get_running_loop()
+    add_reader, calls = loop.add_reader, []
+
+    def counting(fd: Any, callback: Any, *args: Any) -> None:
+        calls.append(fd)
+        add_reader(fd, callback, *args)
+
+    monkeypatch.setattr(loop, "add_reader", counting)
+    return calls
+
+
+async def test_a_stream_is_read_when_batches_are_due_not_when_bytes_come(
+    driver: SerialDriver, pty_device: PtyDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While lines keep coming the driver sleeps until each batch is due and then reads: it
+    waits for the port (a reader registered, a wake-up for the first byte) only at the start,
+    not for every batch."""
+    readers = count_readers(monkeypatch)
+    sent = 0
+
+    async def device() -> None:
+        nonlocal sent
+        until = time.monotonic() + 0.6
+        while time.monotonic() < until:
+            pty_device.write(f'{{"sensor": "t", "value": {sent}}}\n'.encode())
+            sent += 1
+            await asyncio.sleep(0.002)  # the device's pace, not a wait for anything
+        pty_device.write(b'{"sensor": "end", "value": 0}\n')
+
+    async def consume() -> tuple[list[float], int]:
+        values: list[float] = []
+        batches = 0
+        async for batch in driver:
+            batches += 1
+            for item in batch.items:
+                assert isinstance(item, Reading)
+                if item.sensor == "lab/end":
+                    return values, batches
+                values.append(item.value)
+        raise AssertionError("iteration ended")
+
+    writer = asyncio.create_task(device())
+    values, batches = await asyncio.wait_for(consume(), TIMEOUT)
+    await writer
+    assert values == [float(i) for i in range(sent)]
+    assert batches >= 4  # about 0.6 s / BATCH_INTERVAL
+    assert len(readers) <= 2, f"{len(readers)} waits for the port in {batches} batches"
+
+
+async def test_close_while_a_batch_is_due_hands_on_what_was_read_promptly(
+    driver: SerialDriver, pty_device: PtyDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serial_module, "BATCH_INTERVAL", 30.0)
+    pty_device.write(b'{"sensor": "t", "value": 1}\n')
+    await take(driver, 1)  # handed on at once: the port was quiet
+    pty_device.write(b'{"sensor": "t", "value": 2}\n')
+    await eventually(lambda: unread(pty_device) > 0, within=TIMEOUT, what="the line in the tty")
+    task = asyncio.create_task(anext(aiter(driver)))
+    await asyncio.sleep(0)  # let it read the line and wait for the batch to be due
+    assert not task.done() and unread(pty_device) == 0
+    await driver.close()
+    batch = await asyncio.wait_for(task, TIMEOUT)  # not 30 s
+    assert [(i.sensor, i.value) for i in batch.items if isinstance(i, Reading)] == [("lab/t", 2.0)]
+    with pytest.raises(StopAsyncIteration):
+        await anext(aiter(driver))
+
+
+async def test_close_while_sleeping_between_batches_ends_iteration_promptly(
+    driver: SerialDriver, pty_device: PtyDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serial_module, "BATCH_INTERVAL", 0.3)
+    pty_device.write(b'{"sensor": "t", "value": 1}\n')
+    await take(driver, 1)  # handed on at once: the port was quiet
+    pty_device.write(b'{"sensor": "t", "value": 2}\n')
+    await take(driver, 1)  # waited out the interval: lines come faster than batches
+    readers = count_readers(monkeypatch)
+    task = asyncio.create_task(anext(aiter(driver)))
+    await asyncio.sleep(0)  # let it sleep until the next batch is due
+    assert not task.done() and readers == []
+    started = time.monotonic()
+    await driver.close()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(task, TIMEOUT)
+    assert time.monotonic() - started < 0.3
+
+
+async def test_a_quiet_sensor_after_a_stream_is_not_delayed(
+    driver: SerialDriver, pty_device: PtyDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a stream stops the driver waits for the port again, and a line that comes later
+    than BATCH_INTERVAL after the last batch is handed on as it arrives."""
+    monkeypatch.setattr(serial_module, "BATCH_INTERVAL", 0.3)
+    pty_device.write(b'{"sensor": "t", "value": 1}\n')
+    await take(driver, 1)
+    pty_device.write(b'{"sensor": "t", "value": 2}\n')
+    await take(driver, 1)  # waited out the interval: it sleeps until the next is due
+    readers = count_readers(monkeypatch)
+    task = asyncio.create_task(anext(aiter(driver)))
+    await eventually(lambda: len(readers) == 1, within=TIMEOUT, what="a wait for the port")
+    written = time.monotonic()
+    pty_device.write(b'{"sensor": "t", "value": 3}\n')
+    batch = await asyncio.wait_for(task, TIMEOUT)
+    assert [i.value for i in batch.items if isinstance(i, Reading)] == [3.0]
+    assert time.monotonic() - written < 0.3
 
 
 async def test_close_twice_and_iterate_after_close(driver: SerialDriver) -> None:
