@@ -248,7 +248,15 @@ class MqttInputConfig(LineFormatConfig):
     keepalive: Duration = 30.0
     connect_timeout: Duration = 10.0
     session_expiry: Duration = 7 * 86400.0
-    max_inflight: int = Field(default=1000, ge=1, le=65535)
+    # The window of messages the broker delivers before their PUBACK (MQTT 5: our Receive
+    # Maximum; MQTT 3.1.1: the broker's own setting, mosquitto's `max_inflight_messages`, which
+    # should match it). A message holds its slot until its group commit, so one reading per
+    # message cannot pass max_inflight / commit_interval: 4096 / 100 ms = 40,960/s (the former
+    # 1000 capped it at 10,000/s). Memory: the input stops reading its socket while this many
+    # messages, or drivers.mqtt.INBOX_BYTES (8 MiB) of payloads, wait to be decoded (a broker
+    # may send past its window: mosquitto 2.0.11 does once PUBACKs flow), and the log's
+    # `queue_size` bounds the decoded rest. Far below the 65,535 packet ids, which wrap.
+    max_inflight: int = Field(default=4096, ge=1, le=65535)
     max_payload: ByteSize = 65536
     reconnect_initial: Duration = 0.5
     reconnect_max: Duration = 30.0

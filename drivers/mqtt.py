@@ -73,6 +73,12 @@ log = logging.getLogger(__name__)
 #: a hundred): one batch is one submission to the log, whose queue holds 50,000 by default.
 _MAX_BATCH = 1000
 _MAX_ITEMS = 5000
+#: Payload bytes held (read, not yet taken by iteration) before the driver stops reading its
+#: socket, whatever the window: `max_inflight` counts messages, and 4096 of the largest
+#: (`max_payload`, 64 KiB) would be 256 MiB on a 1 GiB Pi; some brokers also send past the
+#: window once acknowledgements flow (mosquitto 2.0.11 here). TCP then pushes back on the
+#: broker, which keeps the messages.
+INBOX_BYTES = 8 * 1024 * 1024
 #: What one socket wake-up reads at most; TCP holds the rest back at the broker.
 _READ_LIMIT = 256 * 1024
 _CHUNK = 64 * 1024
@@ -294,6 +300,7 @@ class MqttDriver:
         # Messages read and not taken by iteration yet; `_waiter` is iteration waiting for
         # more, for the end of the connection, or for `close`.
         self._inbox: deque[_Message] = deque()
+        self._inbox_bytes = 0  # payload bytes in `_inbox`
         self._waiter: asyncio.Future[None] | None = None
         self._topics: dict[bytes, _Topic] = {}
         # Per connection: `_ready` holds None once usable, or why the broker refused it;
@@ -324,6 +331,7 @@ class MqttDriver:
         self._loop_thread = threading.get_ident()
         self._closed.clear()
         self._inbox = deque()
+        self._inbox_bytes = 0
         self._wire = None
         self._ready = loop.create_future()
         self._lost = loop.create_future()
@@ -568,7 +576,8 @@ class MqttDriver:
                 if first & 0x09 and not self._keep(client, first, mid, qos):  # DUP or RETAIN
                     continue
                 inbox.append((topic, payload, mid, qos))
-                if len(inbox) >= limit:
+                self._inbox_bytes += len(payload)
+                if len(inbox) >= limit or self._inbox_bytes >= INBOX_BYTES:
                     self._pause(client)
             return True
         finally:
@@ -712,12 +721,16 @@ class MqttDriver:
         except UnicodeDecodeError:  # decoded as any other, on a topic that names no sensor
             name = b"(not UTF-8)"
         self._inbox.append((self._topic(name), bytes(msg.payload), msg.mid, msg.qos))
+        self._inbox_bytes += len(msg.payload)
+        if len(self._inbox) >= self.cfg.max_inflight or self._inbox_bytes >= INBOX_BYTES:
+            self._pause(client)
         self._wake()
 
     def _pause(self, client: mqtt.Client) -> None:
-        # QoS 1: the broker's in-flight window (MQTT 5: our Receive Maximum) already bounds the
-        # inbox, as nothing is acknowledged before its commit. QoS 0 has no window: stop reading
-        # and let TCP push back on the broker.
+        # The inbox is full (max_inflight messages or INBOX_BYTES): stop reading and let TCP
+        # push back on the broker until iteration has taken half of it. QoS 1 stays within the
+        # broker's window (MQTT 5: our Receive Maximum) when the broker keeps to it, as nothing
+        # is acknowledged before its commit; QoS 0 has no window at all.
         sock = client.socket()
         if not self._paused and sock is not None:
             self._paused = True
@@ -775,11 +788,16 @@ class MqttDriver:
         taken = 0
         while inbox and taken < _MAX_BATCH and len(items) < _MAX_ITEMS:
             topic, raw, mid, qos = inbox.popleft()
+            self._inbox_bytes -= len(raw)
             taken += 1
             if qos:
                 mids.append(mid)
             self._decode_message(items, topic, raw, now, mono)
-        if self._paused and len(inbox) <= self.cfg.max_inflight // 2:
+        if (
+            self._paused
+            and len(inbox) <= self.cfg.max_inflight // 2
+            and self._inbox_bytes <= INBOX_BYTES // 2
+        ):
             self._resume()
         if not mids or self._client is None:
             return Batch(items, None)

@@ -475,6 +475,28 @@ async def test_qos0_flood_pauses_reading_at_max_inflight(broker: Broker) -> None
     assert values == [float(i) for i in range(100)]
 
 
+async def test_large_messages_pause_reading_at_inbox_bytes(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window counts messages; held bytes are bounded too (max_inflight large messages
+    would be hundreds of MiB on a Pi), and nothing is lost while reading waits."""
+    monkeypatch.setattr(mqtt_driver, "INBOX_BYTES", 64 * 1024)
+    driver = MqttDriver(config(broker, qos=0, max_inflight=4096))
+    await driver.open()
+    pad = b" " * 16_000  # JSON allows blanks: a 16 KB message holding one reading
+    try:
+        publish(broker, [("t/pi/s", b'{"value": %d}' % i + pad) for i in range(40)], qos=0)
+        await eventually(lambda: driver._paused, what="reading to pause")
+        held = driver._inbox_bytes
+        assert sum(len(m[1]) for m in driver._inbox) == held
+        # Paused at the first message that reached the bound, not at max_inflight.
+        assert 64 * 1024 <= held < 64 * 1024 + 17_000, held
+        got = await collect(driver, 40)
+    finally:
+        await driver.close()
+    assert [r.value for r in got if isinstance(r, Reading)] == [float(i) for i in range(40)]
+
+
 # --------------------------------------------------------------------------- the read path
 
 
