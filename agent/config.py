@@ -172,6 +172,9 @@ class SerialInputConfig(LineFormatConfig):
     stopbits: float = 1
     flow_control: Literal["none", "rtscts", "xonxoff"] = "none"
     idle_timeout: Duration = 0.0
+    # While lines keep coming, at most one batch (one commit) per this long; a sensor sending
+    # less often is never delayed (see drivers/serial.py for the cost of shorter).
+    batch_interval: Duration = 0.2
     max_line: ByteSize = Field(default=1024, ge=16, le=1024**2)
     terminator: str = "\n"
     reconnect_initial: Duration = 0.5

@@ -2,7 +2,7 @@
 
 The port is read only when the consumer asks for the next batch, with non-blocking reads on
 its file descriptor woken by the event loop (`loop.add_reader`), or, while lines keep coming,
-by a timer when the next batch is due (see BATCH_INTERVAL), so there is no reader thread and
+by a timer when the next batch is due (see `batch_interval` below), so there is no reader thread and
 no queue: while the runtime is busy, the bytes wait in the kernel's tty buffer and, once that
 is full, the device blocks or its flow control kicks in. Nothing is buffered here beyond one
 partial line (at most `max_line` bytes) and one batch's bytes.
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import termios
 import time
@@ -39,20 +40,20 @@ log = logging.getLogger(__name__)
 
 #: Bytes asked of the port per read.
 READ_SIZE = 4096
-#: At most one batch per this interval while lines keep coming: after a short read that comes
-#: sooner than this after the previous batch, the driver waits out the rest and hands on
-#: everything that arrived meanwhile. Every batch costs a round of the event loop, a log
-#: submission and its bookkeeping whatever its size: a board at 1,000 lines/s handed on in
-#: 20 ms batches cost the agent 7.5 % of a core, in 100 ms batches 4.6 % (bench/soak.py setup,
-#: input and log only). Once a batch has waited like that (lines come faster than batches),
-#: the driver does not wait for the port's next byte: it sleeps until the next batch is due
-#: and then reads what came, so the process wakes once per batch rather than twice (a wake-up
-#: costs 50-100 us of CPU before any work, its caches cold); if nothing came, it waits for the
-#: port again (and idle_timeout counts from then). A sensor sending less often than this is
-#: never delayed (its line is handed on as it arrives), and the log commits every 100 ms by
-#: default anyway. Reads that fill READ_SIZE, or gather COALESCE_BYTES, never wait: the next
-#: read follows at once.
-BATCH_INTERVAL = 0.1
+# `batch_interval` (config, 200 ms by default): at most one batch per this interval while lines
+# keep coming: after a short read that comes sooner than this after the previous batch, the
+# driver waits out the rest and hands on everything that arrived meanwhile. Every batch costs
+# a round of the event loop, a log submission, a commit and its fsync whatever its size: a
+# board at 1,000 lines/s handed on in 20 ms batches cost the agent 7.5 % of a core, in 100 ms
+# batches 4.6 % (bench/soak.py setup, input and log only); with a window, a rule and an HTTP
+# upstream, 200 ms instead of 100 ms took it from 5.1 to 4.4 % and from 263 to 218 bytes
+# written per reading (half the commits). Once a batch has waited like that (lines come faster
+# than batches), the driver does not wait for the port's next byte: it sleeps until the next
+# batch is due and then reads what came, so the process wakes once per batch rather than twice
+# (a wake-up costs 50-100 us of CPU before any work, its caches cold); if nothing came, it
+# waits for the port again (and idle_timeout counts from then). A sensor sending less often
+# than this is never delayed (its line is handed on as it arrives). Reads that fill
+# READ_SIZE, or gather COALESCE_BYTES, never wait: the next read follows at once.
 #: Most bytes gathered into one batch.
 COALESCE_BYTES = 16 * READ_SIZE
 
@@ -68,7 +69,7 @@ _PARITY = {
 class SerialDriver:
     """Readings from one serial port (one owner: the port is locked while open).
 
-    What is read from the port in one go (see BATCH_INTERVAL) becomes one `Batch` of
+    What is read from the port in one go (see `batch_interval`) becomes one `Batch` of
     `Reading`s and `Rejected` lines, in arrival order; bytes holding no complete line yield
     nothing. A partial line left when the driver is closed, or when the port vanishes, is
     dropped: it was never a reading. After each `open` the bytes before the first terminator
@@ -95,8 +96,10 @@ class SerialDriver:
         self._fd = -1
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
-        self._last_batch = -BATCH_INTERVAL  # monotonic time the last batch was handed on
-        #: Whether the last batch waited out BATCH_INTERVAL and then emptied the port: lines
+        #: At most one batch per this many seconds while lines keep coming (see above).
+        self.batch_interval = cfg.batch_interval
+        self._last_batch = -math.inf  # monotonic time the last batch was handed on
+        #: Whether the last batch waited out batch_interval and then emptied the port: lines
         #: come faster than batches, so the next read waits for the next batch to be due.
         self._flowing = False
         #: Bytes dropped as the tail of a line after an open (the port joined mid-line).
@@ -158,7 +161,7 @@ class SerialDriver:
                 # instead of two (the first byte, then the batch), and a wake-up costs as
                 # much CPU as decoding a few dozen lines. Nothing came: wait as below.
                 self._flowing = False
-                await self._pause(self._last_batch + BATCH_INTERVAL - time.monotonic())
+                await self._pause(self._last_batch + self.batch_interval - time.monotonic())
                 chunk = self._more()
                 if not chunk:
                     continue  # closed, nothing sent, or an error the next read reports
@@ -177,7 +180,7 @@ class SerialDriver:
                     raise DriverError(f"serial input {self.name!r}: {self.cfg.port} hung up")
                 flowing = False
                 if len(chunk) < self._read_size and not self._closed:
-                    wait = self._last_batch + BATCH_INTERVAL - time.monotonic()
+                    wait = self._last_batch + self.batch_interval - time.monotonic()
                     if wait > 0:
                         await self._pause(wait)
                         more = self._more()

@@ -22,7 +22,6 @@ import pytest
 
 from agent.config import SerialInputConfig
 from agent.events import Reading, Rejected
-from drivers import serial as serial_module
 from drivers.base import Batch, DriverError
 from drivers.serial import SerialDriver
 from tests.conftest import eventually
@@ -343,6 +342,7 @@ async def test_a_stream_is_read_when_batches_are_due_not_when_bytes_come(
     waits for the port (a reader registered, a wake-up for the first byte) only at the start,
     not for every batch."""
     readers = count_readers(monkeypatch)
+    driver.batch_interval = 0.1
     sent = 0
 
     async def device() -> None:
@@ -370,14 +370,14 @@ async def test_a_stream_is_read_when_batches_are_due_not_when_bytes_come(
     values, batches = await asyncio.wait_for(consume(), TIMEOUT)
     await writer
     assert values == [float(i) for i in range(sent)]
-    assert batches >= 4  # about 0.6 s / BATCH_INTERVAL
+    assert batches >= 4  # about 0.6 s / batch_interval
     assert len(readers) <= 2, f"{len(readers)} waits for the port in {batches} batches"
 
 
 async def test_close_while_a_batch_is_due_hands_on_what_was_read_promptly(
     driver: SerialDriver, pty_device: PtyDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(serial_module, "BATCH_INTERVAL", 30.0)
+    driver.batch_interval = 30.0
     pty_device.write(b'{"sensor": "t", "value": 1}\n')
     await take(driver, 1)  # handed on at once: the port was quiet
     pty_device.write(b'{"sensor": "t", "value": 2}\n')
@@ -395,7 +395,7 @@ async def test_close_while_a_batch_is_due_hands_on_what_was_read_promptly(
 async def test_close_while_sleeping_between_batches_ends_iteration_promptly(
     driver: SerialDriver, pty_device: PtyDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(serial_module, "BATCH_INTERVAL", 0.3)
+    driver.batch_interval = 0.3
     pty_device.write(b'{"sensor": "t", "value": 1}\n')
     await take(driver, 1)  # handed on at once: the port was quiet
     pty_device.write(b'{"sensor": "t", "value": 2}\n')
@@ -415,8 +415,8 @@ async def test_a_quiet_sensor_after_a_stream_is_not_delayed(
     driver: SerialDriver, pty_device: PtyDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a stream stops the driver waits for the port again, and a line that comes later
-    than BATCH_INTERVAL after the last batch is handed on as it arrives."""
-    monkeypatch.setattr(serial_module, "BATCH_INTERVAL", 0.3)
+    than batch_interval after the last batch is handed on as it arrives."""
+    driver.batch_interval = 0.3
     pty_device.write(b'{"sensor": "t", "value": 1}\n')
     await take(driver, 1)
     pty_device.write(b'{"sensor": "t", "value": 2}\n')
