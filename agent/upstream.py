@@ -440,6 +440,14 @@ class Feed:
         after = self.positions[stream]
         size = self.cfg.batch_size
         events = await self._read_ahead(stream, after)
+        if (
+            events is not None
+            and len(events) < size
+            and event_log.head(stream) > after + len(events)
+        ):
+            # Read ahead when little more was committed: more is now. Sending it as it was
+            # made a small request before each full one, and spent the linger on it.
+            events = None
         if events is None:
             events = await event_log.read(stream, after, size)
         if not events:

@@ -149,6 +149,26 @@ async def test_http_a_steady_flow_becomes_a_few_requests_a_second(tmp_path: Path
     assert up.status.batches <= elapsed / linger + 2, (up.status.batches, sent)
 
 
+async def test_http_a_steady_flow_goes_in_full_batches(tmp_path: Path) -> None:
+    """Behind a steady flow each request takes a full batch: what was read ahead after the
+    last one (the rest of the commit that filled it) is not sent on its own first."""
+    async with CloudServer(tmp_path / "cloud.db") as cloud:
+        up = upstream(cloud.url + "/ingest", linger=1.0, batch_size=20)
+        async with (
+            EventLog.open(tmp_path / "e.db", LogConfig(commit_interval=0.0)) as log,
+            Running(log, up),
+        ):
+            sent = 0
+            while sent < 210:
+                await fill(log, 7, start=sent)  # commits that overshoot a full batch
+                sent += 7
+                await asyncio.sleep(0.02)  # a pace, not a wait for a result
+            await eventually(lambda: up.status.sent >= 210, within=10.0)
+    # The first commit goes at once (the upstream was idle), then batches of 20; at most one
+    # part-full batch more, at the end.
+    assert up.status.batches <= 2 + 210 // 20, up.status.batches
+
+
 def batch_sizes(messages: list[tuple[str, bytes]]) -> list[int]:
     return [len(json.loads(payload)["events"]) for _, payload in messages]
 
