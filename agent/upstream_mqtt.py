@@ -203,17 +203,15 @@ class MqttUpstream:
         """Until a PUBACK, a lost connection or stop; at most until the oldest message is
         overdue."""
         within = max(0.01, min(1.0, self.cfg.timeout - self._window.oldest_age()))
-        waiters: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(self._wake.wait()),
-            asyncio.ensure_future(stop.wait()),
-        ]
+        woken = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait(
-                [*waiters, link.lost], timeout=within, return_when=asyncio.FIRST_COMPLETED
+                [woken, self.feed.stopped(stop), link.lost],
+                timeout=within,
+                return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
-            for w in waiters:
-                w.cancel()
+            woken.cancel()
 
     async def _drain(self, link: _Link) -> None:
         """Stopping: give what is in flight a moment to be acknowledged."""
