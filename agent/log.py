@@ -26,7 +26,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,10 @@ PAGE_SIZE = 1024
 #: Page cache per connection (writer and reader), KiB.
 CACHE_KIB = 512
 
-#: Committed events kept in memory per stream for consumers that keep up (a few commits' worth
-#: at the rates a Pi sees; older reads go to SQLite).
+#: Committed events kept in memory per stream for consumers that keep up, besides those of the
+#: latest commit (a few commits' worth at the rates a Pi sees; older reads go to SQLite).
+#: A commit can be larger (up to `max_batch`): its events are all kept until the next one, so
+#: a consumer that was at the head still finds the whole commit here during a burst.
 RECENT = 2048
 
 _STREAMS = tuple(Stream)  # iterating the enum class itself runs a Python generator each time
@@ -96,16 +99,6 @@ CREATE TABLE IF NOT EXISTS cursors (
 _INSERT = (
     "INSERT INTO events (stream, seq, kind, time, recv_time, mono, sensor, value, unit, data, raw)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-# A reading's row leaves `kind` NULL (its stream says it) and `time` NULL when it equals the
-# receive time (a device that sends no clock): 15 of ~73 bytes per reading, which the SD card
-# gets twice (WAL, then checkpoint) and the quota holds 25 % more of. Readers fill them in.
-# Readings have a statement of their own without the columns they leave NULL: the sqlite3
-# module binds a None through its adapter lookup (a tuple, a dict lookup, two attribute
-# lookups), which made an 11-column row cost 9.5 µs to insert here and the 8-column one 5.4.
-_INSERT_READING = (
-    "INSERT INTO events (stream, seq, time, recv_time, mono, sensor, value, unit)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SELECT = (
     "SELECT seq, coalesce(kind, 'reading'), coalesce(time, recv_time), recv_time, mono, sensor,"
@@ -169,20 +162,6 @@ class LogStats:
     last_write_error: str | None = None
 
 
-def _reading_row(code: int, seq: int, r: Reading) -> tuple[Any, ...]:
-    """A reading's row for `_INSERT_READING` (kind, data and raw stay NULL)."""
-    return (
-        code,
-        seq,
-        None if r.event_time == r.recv_time else r.event_time,
-        r.recv_time,
-        r.mono,
-        r.sensor,
-        r.value,
-        r.unit,
-    )
-
-
 async def _run(db: aiosqlite.Connection, sql: str) -> None:
     """Run a statement to its end and release it: a PRAGMA that answers a row otherwise stays
     "in progress" until its cursor is collected, and a COMMIT meanwhile fails."""
@@ -197,19 +176,73 @@ _UPSERT_CURSOR = (
 )
 
 
+# A reading's row leaves `kind` NULL (its stream says it) and `time` NULL when it equals the
+# receive time (a device that sends no clock): 15 of ~73 bytes per reading, which the SD card
+# gets twice (WAL, then checkpoint) and the quota holds 25 % more of. Readers fill them in.
+# Readings have statements of their own without the columns they leave NULL: the sqlite3
+# module binds a None through its adapter lookup (a tuple, a dict lookup, two attribute
+# lookups), which made an 11-column row cost 9.5 µs to insert here and the 8-column one 5.4.
+def _readings_sql(rows: int, unit: bool) -> str:
+    """An INSERT of `rows` readings: its first parameter is the first row's seq (the others
+    count on from it), then each row's event time, receive time, mono, sensor, value and, with
+    `unit`, unit. The time is stored NULL when it equals the receive time; without `unit` the
+    unit is NULL."""
+    code = STREAM_CODES[Stream.READINGS]
+    width = 6 if unit else 5
+    values = []
+    for j in range(rows):
+        t, recv, mono, sensor, value, u = (f"?{2 + width * j + k}" for k in range(6))
+        values.append(
+            f"({code}, ?1+{j}, nullif({t}, {recv}), {recv}, {mono}, {sensor}, {value}, "
+            + (f"{u})" if unit else "NULL)")
+        )
+    return (
+        "INSERT INTO events (stream, seq, time, recv_time, mono, sensor, value, unit) VALUES "
+        + ", ".join(values)
+    )
+
+
+# Readings go in by statements of many rows (64, then what is left by halves: a handful of
+# statements, each prepared once and cached by the sqlite3 module). One statement per row, as
+# executemany runs them, costs twice the CPU, and its thread takes the GIL back after every row:
+# with the event loop busy (a burst) it waits for it each time, and the writer fell behind.
+_SIZES = (64, 32, 16, 8, 4, 2, 1)
+_READINGS_SQL = {unit: [(n, _readings_sql(n, unit)) for n in _SIZES] for unit in (False, True)}
+# A row's parameters in one C call each. Readings without a unit (most sensors send none)
+# leave it out: the sqlite3 module binds a None through its adapter lookup, which costs more
+# than the rest of the row's binding.
+_FIELDS = {
+    True: attrgetter("event_time", "recv_time", "mono", "sensor", "value", "unit"),
+    False: attrgetter("event_time", "recv_time", "mono", "sensor", "value"),
+}
+_UNIT = attrgetter("unit")
+
+
+def _insert_readings(conn: sqlite3.Connection, first_seq: int, readings: Sequence[Reading]) -> None:
+    """Insert `readings` into the readings stream with seqs from `first_seq` on."""
+    units = list(map(_UNIT, readings))
+    unit = units.count(None) != len(units)
+    width = 6 if unit else 5
+    flat = tuple(chain.from_iterable(map(_FIELDS[unit], readings)))
+    n, i = len(readings), 0
+    for size, sql in _READINGS_SQL[unit]:
+        while n - i >= size:
+            conn.execute(sql, (first_seq + i, *flat[width * i : width * (i + size)]))
+            i += size
+
+
 def _write(
     conn: sqlite3.Connection,
-    reading_sql: str,
-    readings: Iterator[tuple[Any, ...]] | None,
+    insert_readings: Callable[[sqlite3.Connection], None] | None,
     rows: Iterator[tuple[Any, ...]] | None,
     cursor_rows: Sequence[tuple[Any, ...]],
 ) -> None:
-    """One commit's transaction, run in the database thread: readings with `reading_sql`,
+    """One commit's transaction, run in the database thread: readings by `insert_readings`,
     other events, then cursor moves."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if readings is not None:
-            conn.executemany(reading_sql, readings)
+        if insert_readings is not None:
+            insert_readings(conn)
         if rows is not None:
             conn.executemany(_INSERT, rows)
         if cursor_rows:
@@ -224,8 +257,20 @@ def _write(
 def _full_reading_row(code: int, seq: int, r: Reading) -> tuple[Any, ...]:
     """A reading's row for logs created before rows were compact (NOT NULL kind and time),
     for `_INSERT` like any other event."""
-    row = _reading_row(code, seq, r)
-    return (*row[:2], "reading", r.event_time, *row[3:], None, None)
+    data = raw = None
+    return (
+        code,
+        seq,
+        "reading",
+        r.event_time,
+        r.recv_time,
+        r.mono,
+        r.sensor,
+        r.value,
+        r.unit,
+        data,
+        raw,
+    )
 
 
 def _rejected_row(code: int, seq: int, r: Rejected) -> tuple[Any, ...]:
@@ -364,11 +409,10 @@ class EventLog:
         self._heads: dict[Stream, int] = dict.fromkeys(Stream, 0)
         self._tails: dict[Stream, int] = dict.fromkeys(Stream, 1)
         self._cursors: dict[tuple[str, Stream], int] = {}
-        # _full_reading_row for a log created before reading rows were compact.
-        self._reading_row: Callable[[int, int, Reading], tuple[Any, ...]] = _reading_row
-        self._reading_sql = _INSERT_READING
+        # A log created before reading rows were compact gets full rows (_full_reading_row).
+        self._old_schema = False
         # The newest committed events per stream, contiguous seqs ending at the head.
-        self._recent: dict[Stream, deque[Event]] = {s: deque(maxlen=RECENT) for s in Stream}
+        self._recent: dict[Stream, deque[Event]] = {s: deque() for s in Stream}
         self._writer_db: aiosqlite.Connection | None = None
         self._reader_db: aiosqlite.Connection | None = None
         self._pending: deque[_Submission] = deque()
@@ -440,8 +484,7 @@ class EventLog:
             async with db.execute("PRAGMA table_info(events)") as cur:
                 notnull = {row[1]: row[3] for row in await cur.fetchall()}
             old_schema = bool(notnull.get("kind") or notnull.get("time"))
-            self._reading_row = _full_reading_row if old_schema else _reading_row
-            self._reading_sql = _INSERT if old_schema else _INSERT_READING
+            self._old_schema = old_schema
             self.log_id = await self._load_log_id(db)
             await self._load_positions(db)
         except sqlite3.DatabaseError:
@@ -625,8 +668,8 @@ class EventLog:
         results: list[Committed] = []
         cursor_rows: list[tuple[Any, ...]] = []
         now = time.time()
-        # Seqs are assigned here, by counting; the rows themselves are built lazily by the
-        # generator below, inside the database thread, overlapping the event loop's work.
+        # Seqs are assigned here, by counting; the rows themselves are built by the functions
+        # below, inside the database thread, overlapping the event loop's work.
         for sub in batch:
             start = dict(heads)
             starts.append(start)
@@ -646,14 +689,25 @@ class EventLog:
         read_code, dead_code = STREAM_CODES[Stream.READINGS], STREAM_CODES[Stream.DEADLETTER]
         n_readings = heads[Stream.READINGS] - self._heads[Stream.READINGS]
 
-        def readings() -> Iterator[tuple[Any, ...]]:
-            reading_row = self._reading_row
+        def readings_of(sub: _Submission) -> Sequence[Reading]:
+            if not sub.rejected:
+                return sub.readings  # type: ignore[return-value]
+            return [r for r in sub.readings if type(r) is Reading]
+
+        def insert_readings(conn: sqlite3.Connection) -> None:
+            for sub, start in zip(batch, starts, strict=True):
+                if readings := readings_of(sub):
+                    _insert_readings(conn, start[Stream.READINGS] + 1, readings)
+
+        def full_rows() -> Iterator[tuple[Any, ...]]:
             for sub, start in zip(batch, starts, strict=True):
                 seq = start[Stream.READINGS]
-                for r in sub.readings:
-                    if type(r) is Reading:
-                        seq += 1
-                        yield reading_row(read_code, seq, r)
+                for r in readings_of(sub):
+                    seq += 1
+                    yield _full_reading_row(read_code, seq, r)
+
+        def insert_full_rows(conn: sqlite3.Connection) -> None:
+            conn.executemany(_INSERT, full_rows())
 
         def rows() -> Iterator[tuple[Any, ...]]:
             for sub, start in zip(batch, starts, strict=True):
@@ -677,8 +731,7 @@ class EventLog:
         await db._execute(  # type: ignore[no-untyped-call]
             _write,
             db._conn,
-            self._reading_sql,
-            readings() if n_readings else None,
+            None if not n_readings else insert_full_rows if self._old_schema else insert_readings,
             rows() if total > n_readings else None,
             cursor_rows,
         )
@@ -707,7 +760,9 @@ class EventLog:
             if stream not in watched:
                 self._recent[stream].clear()
         keep_readings = Stream.READINGS in watched or Stream.DEADLETTER in watched
-        readings, dead = self._recent[Stream.READINGS], self._recent[Stream.DEADLETTER]
+        recents = self._recent
+        before = {stream: len(recents[stream]) for stream in _STREAMS}
+        readings, dead = recents[Stream.READINGS], recents[Stream.DEADLETTER]
         read_name = Stream.READINGS.value
         for sub, start in zip(batch, starts, strict=True):
             seq, n_dead = start[Stream.READINGS], start[Stream.DEADLETTER]
@@ -733,10 +788,15 @@ class EventLog:
             for stream, events in sub.events.items():
                 if stream not in watched:
                     continue
-                recent, n = self._recent[stream], start[stream]
+                recent, n = recents[stream], start[stream]
                 for e in events:
                     n += 1
                     recent.append(_stored(stream, _event_row(0, n, e)))
+        # The whole of this commit, and up to RECENT events before it.
+        for stream in _STREAMS:
+            recent = recents[stream]
+            for _ in range(before[stream] - RECENT):
+                recent.popleft()
 
     # ------------------------------------------------------------------ reading
 

@@ -6,9 +6,9 @@ no wait for the commit), with group commit and the configured `synchronous` leve
 the first submit until the last submission's commit resolved.
 
 Phase 2 (raw limit): plain stdlib `sqlite3` on a fresh file with the log's own schema, insert
-statement and pragmas, inserting the same rows (the seeded driver's same readings, turned into
-tuples by the log's own row function, all before timing) with `executemany`, in transactions
-of exactly the sizes the log committed in phase 1, one COMMIT each.
+statements and pragmas, inserting the same readings (the seeded driver's same readings, all
+made before timing) with the log's own insert function (multi-row statements), in
+transactions of exactly the sizes the log committed in phase 1, one COMMIT each.
 
 The ratio of the two is how much of what SQLite can do the agent keeps. This prints; it never
 asserts, and exits 0 whether the targets are met or not.
@@ -33,15 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import LogConfig, SimSensorConfig, SimulatedInputConfig
-from agent.events import Reading, Stream
+from agent.events import Reading
 from agent.log import (
-    _INSERT_READING,
     _SCHEMA,
     PAGE_SIZE,
-    STREAM_CODES,
     Committed,
     EventLog,
-    _reading_row,
+    _insert_readings,
 )
 from drivers.simulated import SimulatedDriver
 
@@ -176,24 +174,21 @@ async def _agent_phase(args: argparse.Namespace, path: Path) -> tuple[PhaseResul
 # --------------------------------------------------------------------------- phase 2
 
 
-async def _rows(args: argparse.Namespace, rows: list[tuple[Any, ...]]) -> None:
-    """Phase 1's rows again: the seeded driver yields the same readings (sensor, value, unit,
-    order) on every run, and the log's own row function turns them into the same tuples (only
-    the timestamps differ). They come back through `rows`, not as the coroutine's result:
-    Python 3.11's asyncio.run reprs its main task's result (signal.getsignal on its SIGINT
-    handler), and the repr of a million rows takes seconds."""
-    code = STREAM_CODES[Stream.READINGS]
+async def _rows(args: argparse.Namespace, rows: list[Reading]) -> None:
+    """Phase 1's readings again: the seeded driver yields the same readings (sensor, value,
+    unit, order) on every run (only the timestamps differ). They come back through `rows`, not
+    as the coroutine's result: Python 3.11's asyncio.run reprs its main task's result
+    (signal.getsignal on its SIGINT handler), and the repr of a million readings takes
+    seconds."""
     async with SimulatedDriver(_sim_config(args)) as driver:
         async for batch in driver:
-            for r in batch.items:
-                if isinstance(r, Reading):
-                    rows.append(_reading_row(code, len(rows) + 1, r))
+            rows.extend(r for r in batch.items if isinstance(r, Reading))
 
 
 def raw_phase(args: argparse.Namespace, path: Path, run: AgentRun) -> PhaseResult:
-    rows: list[tuple[Any, ...]] = []
+    rows: list[Reading] = []
     asyncio.run(_rows(args, rows))
-    chunks: list[list[tuple[Any, ...]]] = []
+    chunks: list[list[Reading]] = []
     at = 0
     for size in run.commit_sizes:
         chunks.append(rows[at : at + size])
@@ -208,10 +203,12 @@ def raw_phase(args: argparse.Namespace, path: Path, run: AgentRun) -> PhaseResul
         db.execute("PRAGMA journal_size_limit=16777216")
         db.executescript(_SCHEMA)
         start = time.perf_counter()
+        seq = 1
         for chunk in chunks:
             db.execute("BEGIN IMMEDIATE")
-            db.executemany(_INSERT_READING, chunk)
+            _insert_readings(db, seq, chunk)
             db.execute("COMMIT")
+            seq += len(chunk)
         end = time.perf_counter()
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:

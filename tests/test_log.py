@@ -6,14 +6,18 @@ import asyncio
 import json
 import os
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.config import LogConfig
 from agent.events import Event, NewEvent, Reading, Rejected, Stream
-from agent.log import _SCHEMA, CursorUpdate, EventLog
+from agent.log import _SCHEMA, RECENT, CursorUpdate, EventLog
 
 
 def reading(i: int, sensor: str = "t1", t: float | None = None) -> Reading:
@@ -331,3 +335,81 @@ async def test_streams_nobody_reads_are_not_kept_in_memory(log_path: Path) -> No
         # The late consumer still reads everything: the older part from SQLite.
         assert [e.seq for e in await log.read(Stream.READINGS, 0)] == list(range(1, 9))
         assert [e.seq for e in await log.read(Stream.READINGS, 6)] == [7, 8]
+
+
+_UNITS = st.sampled_from([None, "C", "%", "µS/cm"])
+_FLOATS = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@st.composite
+def _items(draw: st.DrawFn) -> Reading | Rejected:
+    if draw(st.integers(0, 9)) == 0:
+        return bad(draw(st.binary(max_size=8)))
+    recv = draw(st.floats(1e9, 2e9))
+    # A device clock, or none (the event time is then the receive time, stored as NULL).
+    when = draw(st.one_of(st.just(recv), st.floats(1e9, 2e9)))
+    sensor = draw(st.sampled_from(["t1", "rh", "a.b-c_d"]))
+    return Reading(sensor, draw(_FLOATS), draw(_UNITS), when, recv, draw(_FLOATS), "test")
+
+
+@st.composite
+def _submission(draw: st.DrawFn) -> list[Reading | Rejected]:
+    # The count drawn first: plain lists stay short, and the statements hold up to 64 rows.
+    n = draw(st.integers(0, 200))
+    return draw(st.lists(_items(), min_size=n, max_size=n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_submission(), min_size=1, max_size=4))
+def test_readings_read_back_from_disk_as_committed(submissions: list[list[Any]]) -> None:
+    """Readings go in by multi-row statements of several sizes, with and without a unit
+    column: whatever the counts, units and rejects of the submissions in one commit, SQLite
+    gives back each reading whole, at the seq the log assigned, as the memory cache has it."""
+
+    def fields(events: list[Event]) -> list[tuple[Any, ...]]:
+        return [
+            (e.seq, e.kind, e.time, e.recv_time, e.mono, e.sensor, e.value, e.unit) for e in events
+        ]
+
+    async def run(path: Path) -> None:
+        async with EventLog.open(path, LogConfig(commit_interval=0.05)) as log:
+            await log.register("c", [Stream.READINGS])
+            # Submitted back to back: they go in one commit (or a few).
+            futures = [await log.submit(items) for items in submissions]
+            await asyncio.gather(*futures)
+            head = log.head(Stream.READINGS)
+            cached = await log.read(Stream.READINGS, 0, limit=10_000)
+            log._recent[Stream.READINGS].clear()
+            stored = await log.read(Stream.READINGS, 0, limit=10_000)
+        readings = [r for items in submissions for r in items if isinstance(r, Reading)]
+        expected = [
+            (i, "reading", r.event_time, r.recv_time, r.mono, r.sensor, r.value, r.unit)
+            for i, r in enumerate(readings, 1)
+        ]
+        assert head == len(readings)
+        assert fields(stored) == expected
+        assert fields(cached) == expected
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(Path(tmp) / "log.db"))
+
+
+async def test_a_commit_larger_than_recent_stays_in_memory_until_the_next(
+    log_path: Path,
+) -> None:
+    """A burst commits more than RECENT events at once: a consumer that was at the head must
+    still read all of them from memory (reading them back from SQLite costs several times as
+    much, and made a consumer that fell behind once stay behind). Memory stays bounded: the
+    latest commit and RECENT events before it."""
+    async with EventLog.open(log_path, FAST) as log:
+        await log.register("c", [Stream.READINGS])
+        await log.append([reading(i) for i in range(10)])
+        await log.append([reading(i) for i in range(3 * RECENT)])
+        recent = log._recent[Stream.READINGS]
+        assert [e.seq for e in recent] == list(range(1, 3 * RECENT + 11))
+        await log.append([reading(i) for i in range(5)])
+        head = log.head(Stream.READINGS)
+        assert [e.seq for e in recent] == list(range(head - RECENT - 4, head + 1))
+        for _ in range(3):
+            await log.append([reading(i) for i in range(7)])
+        assert [e.seq for e in recent] == list(range(head + 21 - RECENT - 6, head + 22))
