@@ -38,12 +38,15 @@ import json
 import logging
 import math
 import random
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from itertools import chain
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -205,12 +208,149 @@ def _parse_event(i: int, e: Any, log_id: str | None) -> IngestEvent:
     )
 
 
-def parse_message(payload: bytes) -> IngestBatch:
+@dataclass(frozen=True, slots=True)
+class ReadingBatch:
+    """A validated ingest body of plain readings only: the bulk of what an agent sends.
+
+    Kept as columns, one sequence per field in body order, rather than one `IngestEvent` per
+    reading: parsing and storing it then loop in C (a regular expression, `map`, `zip`), not in
+    Python code per reading. Storing it leaves the database as storing `as_batch()` would.
+    """
+
+    log_id: str
+    agent: str
+    ids: Sequence[str]
+    seqs: Sequence[int]
+    sensors: Sequence[str]
+    values: Sequence[float]
+    units: Sequence[str | None]
+    times: Sequence[float]
+    recv_times: Sequence[float]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def as_batch(self) -> IngestBatch:
+        """The same body as `parse_batch` gives it."""
+        columns = (self.ids, self.seqs, self.sensors, self.values, self.units, self.times)
+        events = [
+            IngestEvent(
+                id=event_id,
+                stream="readings",
+                seq=seq,
+                kind="reading",
+                time=t,
+                recv_time=r,
+                sensor=sensor,
+                value=value,
+                unit=unit,
+            )
+            for event_id, seq, sensor, value, unit, t, r in zip(
+                *columns, self.recv_times, strict=True
+            )
+        ]
+        return IngestBatch(self.log_id, self.agent, events)
+
+
+#: What the endpoint stores: the general form, or the columns of plain readings.
+Batch = IngestBatch | ReadingBatch
+
+
+def parse_body(payload: bytes) -> Batch:
+    """Decode and validate an ingest body, with the result and errors of
+    `parse_batch(json.loads(payload))`: `BatchError`, or ValueError when it is not JSON.
+
+    A body of plain readings, as an agent's readings stream sends it, comes back as a
+    `ReadingBatch` without being decoded into one object per event.
+    """
+    return _plain_readings(payload) or parse_batch(json.loads(payload))
+
+
+# The agent's wire form (README, "Upstream wire format"; `agent.upstream.WireEncoder` writes
+# it), narrowed so that a match means just what `json.loads` would make of the text: a
+# string without backslash, quote or control character is its own text, and a number of at
+# most 16 integer digits and a positive exponent of at most 2 is finite, `float` of its text
+# being what `_parse_event` stores (json gives an int for an integer text, which it turns
+# into that same float). Anything else, and any doubt, is left to json and `parse_batch`.
+_STR = r'[^"\\\x00-\x1f]*'
+_NUM = r"-?(?:0|[1-9][0-9]{0,15})(?:\.[0-9]+)?(?:[eE](?:-[0-9]+|\+?[0-9]{1,2}))?"
+_HEAD = re.compile(rf'\{{"log_id":"({_STR})","agent":"({_STR})","sent_at":{_NUM},"events":\[')
+# One reading and the comma after it (none after the last); or else `junk`, up to the next
+# brace: every character of the events array is in some match, so a body that is not all
+# plain readings always shows junk. The back reference makes the id `<log_id>:readings:<seq>`.
+# A seq of at most 18 digits fits SQLite's integer.
+_READING = (
+    r':readings:(?P<seq>0|[1-9][0-9]{0,17}))","stream":"readings",'
+    rf'"seq":(?P=seq),"kind":"reading","time":({_NUM}),"recv_time":({_NUM}),'
+    rf'"sensor":"({_STR})","value":({_NUM})(?:(,)"unit":"({_STR})")?\}}(?:,(?!\Z)|\Z)'
+    r"|(?P<junk>[\s\S][^{]*)"
+)
+#: `_READING` after the log id, compiled for each log id seen lately (an agent keeps its own).
+_readings_of: dict[str, re.Pattern[str]] = {}
+
+
+def _reading_pattern(log_id: str) -> re.Pattern[str]:
+    pattern = _readings_of.get(log_id)
+    if pattern is None:
+        if len(_readings_of) >= 64:
+            _readings_of.clear()
+        pattern = re.compile(rf'\{{"id":"({re.escape(log_id)}{_READING}')
+        _readings_of[log_id] = pattern
+    return pattern
+
+
+def _plain_readings(payload: bytes) -> ReadingBatch | None:
+    """The body as a `ReadingBatch` if it is the agent's JSON of plain readings, else None.
+
+    Plain: every event has exactly the keys id, stream, seq, kind, time, recv_time, sensor,
+    value and optionally unit, in that order, with stream `readings` and kind `reading`.
+    What is accepted here `_parse_event` accepts too, and stores as the same values.
+    """
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        return None
+    head = _HEAD.match(text)
+    if head is None or not text.endswith("]}"):
+        return None
+    log_id, agent = head.groups()
+    readings = _reading_pattern(log_id)
+    start, end = head.end(), len(text) - 2
+    first = readings.match(text, start, end)
+    if first is None or first["junk"] is not None:  # the common odd body fails here, cheaply
+        return None
+    columns = zip(*readings.findall(text, start, end), strict=True)
+    ids, seqs, times, recv_times, sensors, values, marks, units, junk = columns
+    if any(junk):
+        return None
+    n = len(ids)
+    with_unit = marks.count(",")
+    if with_unit == 0:
+        units = (None,) * n
+    elif with_unit != n:
+        units = tuple(u if mark else None for mark, u in zip(marks, units, strict=True))
+    return ReadingBatch(
+        log_id,
+        agent,
+        ids,
+        list(map(int, seqs)),
+        sensors,
+        list(map(float, values)),
+        units,
+        list(map(float, times)),
+        list(map(float, recv_times)),
+    )
+
+
+def parse_message(payload: bytes) -> Batch:
     """Validate an MQTT message: a batch like the HTTP body, or one event object.
 
     A lone event's log id is taken from its id (`<log_id>:<stream>:<seq>`), so the same
     consistency check applies to it as to an event of a batch.
     """
+    readings = _plain_readings(payload)
+    if readings is not None:
+        return readings
     try:
         doc = json.loads(payload)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
@@ -369,19 +509,7 @@ def _update_sensors(conn: sqlite3.Connection, new: list[IngestEvent]) -> None:
                 newest_agg[sensor] = ev
     if not counts:
         return
-    conn.executemany("INSERT OR IGNORE INTO sensors (sensor) VALUES (?)", ((s,) for s in counts))
-    # Backlogs arrive late and out of order: "last" means the newest event time.
-    conn.executemany(
-        "UPDATE sensors SET count = count + :n,"
-        " unit = CASE WHEN coalesce(last_time, :t) <= :t THEN :unit ELSE unit END,"
-        " last_value = CASE WHEN coalesce(last_time, :t) <= :t THEN :value ELSE last_value END,"
-        " last_time = max(coalesce(last_time, :t), :t)"
-        " WHERE sensor = :sensor",
-        (
-            {"n": counts[s], "t": ev.time, "unit": ev.unit, "value": ev.value, "sensor": s}
-            for s, ev in newest.items()
-        ),
-    )
+    _write_sensors(conn, counts, {s: (ev.time, ev.value, ev.unit) for s, ev in newest.items()})
     conn.executemany(
         "UPDATE sensors SET agg_kind = ?, agg_value = ?, agg_time = ?, agg_data = ?"
         " WHERE sensor = ? AND (agg_time IS NULL OR ? >= agg_time)",
@@ -397,6 +525,145 @@ def _update_sensors(conn: sqlite3.Connection, new: list[IngestEvent]) -> None:
             for s, ev in newest_agg.items()
         ),
     )
+
+
+def _write_sensors(
+    conn: sqlite3.Connection,
+    counts: Mapping[str, int],
+    newest: Mapping[str, tuple[float, float | None, str | None]],
+) -> None:
+    """Add `counts` to the sensors' reading counts, and make `newest` (time, value, unit: a
+    sensor's newest new reading) its last reading unless a newer one is stored already."""
+    conn.executemany("INSERT OR IGNORE INTO sensors (sensor) VALUES (?)", ((s,) for s in counts))
+    # Backlogs arrive late and out of order: "last" means the newest event time.
+    conn.executemany(
+        "UPDATE sensors SET count = count + :n,"
+        " unit = CASE WHEN coalesce(last_time, :t) <= :t THEN :unit ELSE unit END,"
+        " last_value = CASE WHEN coalesce(last_time, :t) <= :t THEN :value ELSE last_value END,"
+        " last_time = max(coalesce(last_time, :t), :t)"
+        " WHERE sensor = :sensor",
+        (
+            {"n": counts[s], "t": t, "unit": unit, "value": value, "sensor": s}
+            for s, (t, value, unit) in newest.items()
+        ),
+    )
+
+
+# Rows per multi-row INSERT of readings: 128 rows of 7 values and 3 shared ones stay under 999,
+# the smallest limit on bound parameters an SQLite build may have. A multi-row statement binds
+# and steps once for many rows, which is what makes it cheaper than `executemany`.
+_ROWS_PER_INSERT = 128
+_reading_inserts: dict[int, str] = {}
+
+
+def _reading_insert(n: int) -> str:
+    """The INSERT of `n` readings: `?1` log id, `?2` agent, `?3` received_at, then the rows.
+
+    Duplicates are skipped (OR IGNORE), so the statement's row count says whether any was.
+    """
+    sql = _reading_inserts.get(n)
+    if sql is None:
+        values = ",".join(
+            f"(?{i},?1,?2,'readings',?{i + 1},'reading',?{i + 2},?{i + 3},?{i + 4},?{i + 5},"
+            f"?{i + 6},?3)"
+            for i in range(4, 4 + 7 * n, 7)
+        )
+        sql = _reading_inserts[n] = (
+            "INSERT OR IGNORE INTO events (id, log_id, agent, stream, seq, kind, sensor, value,"
+            f" unit, time, recv_time, received_at) VALUES {values}"
+        )
+    return sql
+
+
+def _insert_sizes(n: int) -> list[int]:
+    """`n` rows as full statements, then the rest in powers of two: few statement shapes, so
+    every one stays in the connection's statement cache whatever the batch sizes."""
+    sizes = [_ROWS_PER_INSERT] * (n // _ROWS_PER_INSERT)
+    rest = n % _ROWS_PER_INSERT
+    size = _ROWS_PER_INSERT // 2
+    while rest:
+        if rest >= size:
+            sizes.append(size)
+            rest -= size
+        size //= 2
+    return sizes
+
+
+def store(
+    conn: sqlite3.Connection, batch: Batch, received_at: float, source: str = "http"
+) -> tuple[int, int]:
+    """Store what `parse_body` or `parse_message` gave, in one committed transaction, with the
+    result of `store_batch`; return (accepted, duplicates)."""
+    if isinstance(batch, ReadingBatch):
+        stored = _store_readings(conn, batch, received_at, source)
+        if stored is not None:
+            return stored
+        batch = batch.as_batch()
+    return store_batch(conn, batch, received_at, source)
+
+
+def _store_readings(
+    conn: sqlite3.Connection, batch: ReadingBatch, received_at: float, source: str
+) -> tuple[int, int] | None:
+    """Store a batch of readings none of which is stored yet, as `store_batch` would, and
+    return (accepted, 0); None (nothing changed) when one is a duplicate.
+
+    A duplicate is rare (a resend after a lost answer) and changes every tally, so it is left
+    to `store_batch`: the fast path only has to notice it, which INSERT OR IGNORE's row count
+    does for free. A resend is most often the whole batch again: its first or last id being
+    stored already sends it there before anything is inserted.
+    """
+    n = len(batch)
+    ids, sensors, times = batch.ids, batch.sensors, batch.times
+    columns = (ids, batch.seqs, sensors, batch.values, batch.units, times, batch.recv_times)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        (known,) = conn.execute(
+            "SELECT count(*) FROM events WHERE id IN (?, ?)", (ids[0], ids[-1])
+        ).fetchone()
+        inserted = 0
+        if not known:
+            head = (batch.log_id, batch.agent, received_at)
+            at = 0
+            for size in _insert_sizes(n):
+                end = at + size
+                rows = chain.from_iterable(zip(*(c[at:end] for c in columns), strict=True))
+                inserted += conn.execute(_reading_insert(size), (*head, *rows)).rowcount
+                at = end
+        if inserted != n:
+            conn.execute("ROLLBACK")
+            return None
+        conn.execute(
+            "INSERT INTO streams (stream, count) VALUES ('readings', ?) "
+            "ON CONFLICT (stream) DO UPDATE SET count = count + excluded.count",
+            (n,),
+        )
+        # Newest by event time, a tie going to the later reading. An agent's batch is most
+        # often in time order, where that is each sensor's last reading: a dict keeps the last.
+        if times == sorted(times):
+            newest = dict(zip(sensors, range(n), strict=True))
+        else:
+            newest = {}
+            for i, (sensor, t) in enumerate(zip(sensors, times, strict=True)):
+                last = newest.get(sensor)
+                if last is None or t >= times[last]:
+                    newest[sensor] = i
+        _write_sensors(
+            conn,
+            Counter(sensors),
+            {s: (times[i], batch.values[i], batch.units[i]) for s, i in newest.items()},
+        )
+        _bump(conn, "batches")
+        conn.execute(
+            "INSERT INTO deliveries (received_at, source, events, accepted, duplicates, lag)"
+            " VALUES (?, ?, ?, ?, 0, ?)",
+            (received_at, source, n, n, received_at - max(batch.recv_times)),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return n, 0
 
 
 def _counter(conn: sqlite3.Connection, name: str) -> int:
@@ -826,7 +1093,7 @@ class MqttIngest:
         self,
         sub: MqttSubscription,
         client_id: str,
-        store: Callable[[IngestBatch], Awaitable[tuple[int, int]]],
+        store: Callable[[Batch], Awaitable[tuple[int, int]]],
         max_payload: int,
     ) -> None:
         self.sub = sub
@@ -1182,11 +1449,11 @@ class CloudServer:
             if value is not None and name != "down_for":
                 setattr(f, name, float(value))
 
-    async def ingest(self, batch: IngestBatch, source: str = "http") -> tuple[int, int]:
+    async def ingest(self, batch: Batch, source: str = "http") -> tuple[int, int]:
         """Store a validated batch, committed on return; (accepted, duplicates)."""
         conn = self._require_conn()
         received_at = self.clock()
-        return await self._db(lambda: store_batch(conn, batch, received_at, source))
+        return await self._db(lambda: store(conn, batch, received_at, source))
 
     async def summary(self) -> dict[str, Any]:
         """The snapshot served at `GET /api/summary`."""
@@ -1252,7 +1519,7 @@ class CloudServer:
         except Exception as e:
             return _error(400, f"cannot read the body: {e}")
         try:
-            batch = parse_batch(json.loads(body))
+            batch = parse_body(body)
         except BatchError as e:
             return _error(400, str(e))
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError

@@ -7,16 +7,33 @@ import gzip
 import json
 import math
 import signal
+import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import hypothesis
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from simulator.cloud import CloudError, CloudServer, CloudStore, MqttSubscription
+from simulator.cloud import (
+    CloudError,
+    CloudServer,
+    CloudStore,
+    MqttSubscription,
+    ReadingBatch,
+    _plain_readings,
+    connect,
+    parse_batch,
+    parse_body,
+    parse_message,
+    store,
+    store_batch,
+)
 from tests.conftest import Broker, eventually, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -712,3 +729,306 @@ async def test_a_batch_is_stored_as_if_event_by_event(
     with CloudStore(server.db_path) as store:
         sensor = store.summary()["sensors"]["s"]
         assert (sensor["count"], sensor["last_value"]) == (4, 3.0)
+
+
+# --- the fast path for plain readings ------------------------------------------------------
+#
+# `parse_body` takes a body of plain readings (the agent's wire form) apart with one regular
+# expression, and `store` inserts it with multi-row statements. Both exist only to be cheaper:
+# for any body, what is stored, every tally, the answer and any error must be those of the
+# general path, `parse_batch(json.loads(body))` and `store_batch`.
+
+FAST_LOG = "4f1c:log"  # a colon in the log id: the id's `<log_id>:readings:<seq>` still parses
+T0 = 1_764_170_000.25
+
+
+def wire(doc: Any, *, compact: bool = True, ascii_only: bool = True) -> bytes:
+    """A body as the agent writes it (compact, keys in order) or as any other client might."""
+    seps = (",", ":") if compact else (", ", ": ")
+    return json.dumps(doc, separators=seps, ensure_ascii=ascii_only).encode()
+
+
+def plain(seq: int, sensor: str = "temp1", unit: str | None = "C", **extra: Any) -> dict[str, Any]:
+    """A plain reading in the agent's key order (`Event.to_wire`)."""
+    ev: dict[str, Any] = {
+        "id": f"{FAST_LOG}:readings:{seq}", "stream": "readings", "seq": seq, "kind": "reading",
+        "time": T0 + seq / 8, "recv_time": T0 + 1.5, "sensor": sensor, "value": 20.0 + seq / 4,
+    }  # fmt: skip
+    if unit is not None:
+        ev["unit"] = unit
+    ev.update(extra)
+    return ev
+
+
+def body_of(events: list[dict[str, Any]], **head: Any) -> dict[str, Any]:
+    return {"log_id": FAST_LOG, "agent": "pi-1", "sent_at": T0 + 2, "events": events, **head}
+
+
+def dump(conn: sqlite3.Connection) -> str:
+    """Every table, with each value's storage class: the repr tells 1 from 1.0 and 0.0 from -0.0."""
+    tables = {}
+    for table in ("events", "counters", "streams", "sensors", "deliveries"):
+        cur = conn.execute(f"SELECT * FROM {table} ORDER BY rowid")
+        tables[table] = [tuple((v, type(v).__name__) for v in row) for row in cur]
+    return repr(tables)
+
+
+def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
+    try:
+        return "ok", fn()
+    except Exception as e:  # a 400 (BatchError, not JSON), or what the store raises
+        return type(e).__name__, str(e)
+
+
+class Twins:
+    """Two fresh endpoint databases: one fed through `parse_body` and `store` (the fast path
+    where it applies), one through the general path only."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.fast = connect(root / "fast.db" if root else ":memory:", create=True, sync="off")
+        self.general = connect(root / "general.db" if root else ":memory:", create=True, sync="off")
+        self.received_at = T0 + 10
+
+    def send(self, body: bytes) -> tuple[str, Any]:
+        """Store one body both ways; both must end alike. Returns the outcome."""
+        self.received_at += 1
+        at = self.received_at
+        fast = outcome(lambda: store(self.fast, parse_body(body), at))
+        general = outcome(lambda: store_batch(self.general, parse_batch(json.loads(body)), at))
+        assert fast == general, body
+        return fast
+
+    def same(self) -> None:
+        assert dump(self.fast) == dump(self.general)
+
+    def close(self) -> None:
+        self.fast.close()
+        self.general.close()
+
+
+@pytest.fixture
+def twins(tmp_path: Path) -> Iterator[Twins]:
+    t = Twins(tmp_path)
+    yield t
+    t.close()
+
+
+def test_the_agents_bodies_take_the_fast_path() -> None:
+    from agent.events import Event
+    from agent.upstream import WireEncoder, batch_body
+
+    events = [
+        Event("readings", seq, "reading", T0 + seq, T0 + 1, 0.0, sensor, 20.5 + seq, unit)
+        for seq, sensor, unit in ((1, "temp1", "C"), (2, "count", None), (3, "hum1", "%"))
+    ]
+    text = "[" + ",".join(WireEncoder(FAST_LOG).events(events)) + "]"
+    batch = parse_body(batch_body(FAST_LOG, "pi-1", text))
+    assert isinstance(batch, ReadingBatch)
+    assert batch.as_batch() == parse_batch(json.loads(batch_body(FAST_LOG, "pi-1", text)))
+    assert list(batch.units) == ["C", None, "%"]
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [plain(1)],
+        [plain(s) for s in range(1, 130)],  # one full statement and one row more
+        [plain(s, sensor=f"s{s % 3}", unit=None if s % 2 else "C") for s in range(1, 300)],
+        [plain(3), plain(1), plain(2, time=T0 + 3 / 8)],  # out of time order, with a tie
+        [plain(1, sensor=""), plain(2, value=-0.0, time=0.0, recv_time=-1e-7)],
+        [plain(1, value=1e16), plain(2, value=1.7976931348623157e99), plain(3, value=5e-324)],
+        [plain(1, value=21, time=1764170000), plain(2, recv_time=-0)],  # json's ints: floats
+    ],
+    ids=["one", "129", "mixed-units", "unordered", "edges", "magnitudes", "ints"],
+)
+@pytest.mark.parametrize("ascii_only", [True, False])
+def test_plain_readings_are_parsed_fast_and_stored_as_the_general_path_stores_them(
+    twins: Twins, events: list[dict[str, Any]], ascii_only: bool
+) -> None:
+    events = [{**e, "sensor": f"{e['sensor']}-ü"} for e in events] if not ascii_only else events
+    body = wire(body_of(events), ascii_only=ascii_only)
+    assert isinstance(parse_body(body), ReadingBatch)
+    assert parse_message(body) == parse_body(body)  # MQTT messages take it too
+    assert twins.send(body) == ("ok", (len(events), 0))
+    twins.same()
+
+
+@pytest.mark.parametrize("log_id", ["a.b+c(d)[e]$^{1}|", "x:readings:1", "", "a\\"])
+def test_any_log_id_is_matched_as_text(twins: Twins, log_id: str) -> None:
+    events = [plain(s) | {"id": f"{log_id}:readings:{s}"} for s in (1, 2)]
+    body = wire(body_of(events, log_id=log_id))
+    assert isinstance(parse_body(body), ReadingBatch) is ("\\" not in log_id)  # json escapes it
+    assert twins.send(body) == ("ok", (2, 0))
+    twins.same()
+
+
+def test_duplicates_take_the_general_path_with_the_same_result(twins: Twins) -> None:
+    first = wire(body_of([plain(s) for s in range(1, 11)]))
+    assert twins.send(first) == ("ok", (10, 0))
+    again = [
+        ([plain(s) for s in range(1, 11)], (0, 10)),  # a resend: the first id is known
+        ([plain(s) for s in range(8, 15)], (4, 3)),  # the first id is known, the last is not
+        ([plain(s) for s in range(20, 26)] + [plain(5)], (6, 1)),  # only the last is known
+        ([plain(30), plain(31), plain(31), plain(32)], (3, 1)),  # an id twice in the body
+        ([plain(40), plain(9), plain(41)], (2, 1)),  # a known id in the middle
+    ]
+    for events, result in again:
+        body = wire(body_of(events))
+        assert isinstance(parse_body(body), ReadingBatch)
+        assert twins.send(body) == ("ok", result)
+    twins.same()
+
+
+# Bodies the fast path must leave to the general path: each ends there as it always did.
+ODD_BODIES: dict[str, bytes] = {
+    "spaced": wire(body_of([plain(1)]), compact=False),
+    "null unit": wire(body_of([plain(1, unit=None) | {"unit": None}])),
+    "null value": wire(body_of([plain(1, value=None)])),
+    "no sensor": wire(body_of([{k: v for k, v in plain(1).items() if k != "sensor"}])),
+    "data": wire(body_of([plain(1, data={"x": 1})])),
+    "raw": wire(body_of([plain(1, raw="t=1")])),
+    "escaped sensor": wire(body_of([plain(1, sensor='te"mp\\1')])),
+    "escaped unicode": wire(body_of([plain(1, sensor="température")])),
+    "control char": wire(body_of([plain(1, sensor="a\tb")])),
+    "aggregate": wire(body_of([plain(1), plain(2, kind="aggregate")])),
+    "other stream": wire(body_of([plain(1) | {"stream": "alerts"}])),
+    "keys reordered": wire(body_of([dict(reversed(list(plain(1).items())))])),
+    "extra key": wire(body_of([plain(1, note="x")])),
+    "no agent": wire({k: v for k, v in body_of([plain(1)]).items() if k != "agent"}),
+    "null agent": wire(body_of([plain(1)], agent=None)),
+    "head reordered": wire({"agent": "pi-1", **body_of([plain(1)])}),
+    "more keys": wire(body_of([plain(1)], z=1)),
+    "empty": wire(body_of([])),
+    "trailing space": wire(body_of([plain(1)])) + b" ",
+    "huge exponent": wire(body_of([plain(1)])).replace(b'"value":20.25', b'"value":1e400'),
+    "long mantissa": wire(body_of([plain(1)])).replace(b"20.25", b"1" + b"0" * 320),
+    "NaN": wire(body_of([plain(1)])).replace(b'"value":20.25', b'"value":NaN'),
+    "Infinity": wire(body_of([plain(1)])).replace(b'"time":', b'"time":-Infinity,"x":'),
+    "leading zero": wire(body_of([plain(1)])).replace(b'"value":20.25', b'"value":020.25'),
+    "trailing comma": wire(body_of([plain(1), plain(2)])).replace(b"}]}", b"},]}"),
+    "two arrays": wire(body_of([plain(1)])).replace(b"}]}", b'}],"events":[]}'),
+    "negative zero seq": wire(body_of([plain(0)])).replace(b'"seq":0', b'"seq":-0'),
+    "seq as float": wire(body_of([plain(1)])).replace(b'"seq":1,', b'"seq":1.0,'),
+    "bool seq": wire(body_of([plain(1) | {"seq": True}])),
+    "negative seq": wire(body_of([plain(-1)])),
+    "huge seq": wire(body_of([plain(10**19)])),
+    "other log id": wire(body_of([plain(1)], log_id="other")),
+    "log id as a pattern": wire(body_of([plain(1)], log_id="4f1c.log")),  # `.` is no wildcard
+    "id with another seq": wire(body_of([plain(1) | {"seq": 2}])),
+    "leading-zero id": wire(body_of([plain(1, id=f"{FAST_LOG}:readings:01")])),
+    "not an object": wire(body_of([plain(1), 7])),
+    "not json": b'{"log_id":"4f1c:log","agent":"pi-1","sent_at":1,"events":[{"id"',
+    "bad utf-8": wire(body_of([plain(1)])).replace(b"temp1", b"temp\xff"),
+    "utf-8 bom": b"\xef\xbb\xbf" + wire(body_of([plain(1)])),
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_BODIES))
+def test_odd_and_invalid_bodies_end_as_on_the_general_path(twins: Twins, name: str) -> None:
+    body = ODD_BODIES[name]
+    assert _plain_readings(body) is None
+    twins.send(body)
+    twins.send(body)  # again: all duplicates, or the same error
+    twins.send(wire(body_of([plain(s) for s in range(1, 6)])))  # plain readings after it
+    twins.same()
+
+
+# Hypothesis: bodies of readings, most plain, some with one field made odd, rendered as the
+# agent does or otherwise; sent in turn (overlapping seqs: duplicates) to both databases.
+_texts = st.text(
+    st.characters(max_codepoint=0x2FF) | st.sampled_from("\u2028\ud7ff\U0001f600"), max_size=6
+)
+_floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [0.0, -0.0, 1e-7, 5e-324, 1e16, 1.5e300, T0, T0 + 0.1]
+)
+_ODD_VALUES = st.sampled_from(
+    [None, 7, -3, True, "21.5", math.nan, math.inf, -math.inf, 10**20, [1], {"a": 1}, ""]
+)
+
+
+@st.composite
+def _reading_events(draw: st.DrawFn, seq: int) -> dict[str, Any]:
+    def pick(usual: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> Any:
+        return draw(other if draw(st.integers(0, 4)) == 0 else usual)
+
+    ev = plain(
+        seq,
+        sensor=pick(st.sampled_from(["temp1", "hum1", "a:b", "", "ü"]), _texts),
+        unit=pick(st.sampled_from(["C", None, "%"]), _texts),
+        time=pick(st.sampled_from([T0, T0 + 1]) | st.floats(T0 - 5, T0 + 5), _floats),
+        recv_time=pick(st.just(T0 + 2), _floats),
+        value=pick(st.floats(-1e6, 1e6), _floats),
+    )
+    if draw(st.integers(0, 30)) == 0:  # one field made odd: a missing, extra or wrong value
+        key = draw(st.sampled_from([*ev, "data", "raw", "extra"]))
+        if draw(st.booleans()):
+            ev.pop(key, None)
+        else:
+            ev[key] = draw(_ODD_VALUES | _texts | _floats)
+    return ev
+
+
+@st.composite
+def _bodies(draw: st.DrawFn) -> list[bytes]:
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        first = draw(st.integers(0, 12))
+        seqs = range(first, first + draw(st.integers(1, 12)))
+        events = [draw(_reading_events(seq)) for seq in seqs]
+        if draw(st.integers(0, 3)) == 0:
+            events = draw(st.permutations(events))
+        body = body_of(events)
+        if draw(st.integers(0, 20)) == 0:
+            body[draw(st.sampled_from(["log_id", "agent", "sent_at"]))] = draw(_ODD_VALUES)
+        compact = draw(st.integers(0, 9)) > 0
+        out.append(wire(body, compact=compact, ascii_only=draw(st.booleans())))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(bodies=_bodies())
+def test_any_body_ends_alike_on_both_paths(bodies: list[bytes]) -> None:
+    twins = Twins()
+    try:
+        for body in bodies:
+            hypothesis.event("fast" if _plain_readings(body) is not None else "general")
+            twins.send(body)
+        twins.same()
+    finally:
+        twins.close()
+
+
+async def test_compact_and_spaced_bodies_end_alike_over_http(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The agent's compact bodies take the fast path, the same with spaces the general one;
+    gzipped or not, the endpoints answer and store alike, and show the same summary."""
+    bodies = [
+        body_of([plain(s, sensor=f"s{s % 3}", unit=None if s % 4 else "C") for s in range(1, 200)]),
+        body_of([plain(s, sensor=f"s{s % 3}") for s in range(150, 260)]),  # duplicates
+        body_of([plain(s) for s in range(300, 310)][::-1]),  # out of time order
+        body_of([plain(400), plain(401, kind="aggregate")]),
+    ]
+    replies, summaries, stored = [], [], []
+    for compact in (True, False):
+        async with CloudServer(tmp_path / f"{compact}.db", clock=lambda: T0 + 60) as srv:
+            sent = []
+            for i, body in enumerate(bodies):
+                data = wire(body, compact=compact)
+                if i % 2:
+                    data = gzip.compress(data)
+                headers = {"Content-Encoding": "gzip"} if i % 2 else {}
+                sent.append(await post(session, f"{srv.url}/ingest", data, headers))
+            replies.append(sent)
+            with CloudStore(srv.db_path) as db:
+                summaries.append(db.summary(now=T0 + 61))
+                stored.append(db.events())
+    expected = [
+        (200, {"accepted": 199, "duplicates": 0}),
+        (200, {"accepted": 60, "duplicates": 50}),
+        (200, {"accepted": 10, "duplicates": 0}),
+        (200, {"accepted": 2, "duplicates": 0}),
+    ]
+    assert replies == [expected, expected]
+    assert repr(summaries[0]) == repr(summaries[1])
+    assert repr(stored[0]) == repr(stored[1])
