@@ -26,7 +26,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, islice
+from functools import partial
+from itertools import chain, islice, starmap
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,13 @@ _INSERT = (
 _SELECT = (
     "SELECT seq, coalesce(kind, 'reading'), coalesce(time, recv_time), recv_time, mono, sensor,"
     " value, unit, data, raw FROM events"
+)
+# Readings (no data, no raw: the bulk of a backlog) as `Event`'s positional arguments, for
+# `starmap`: no Python function per row between the row and the event (half the cost).
+_SELECT_READINGS = (
+    f"SELECT seq, 'reading', coalesce(time, recv_time), recv_time, mono, sensor, value, unit"
+    f" FROM events WHERE stream={STREAM_CODES[Stream.READINGS]} AND seq>? AND seq<=?"
+    " ORDER BY seq LIMIT ?"
 )
 
 
@@ -293,6 +301,9 @@ def _rejected_row(code: int, seq: int, r: Rejected) -> tuple[Any, ...]:
 def _event_row(code: int, seq: int, e: NewEvent) -> tuple[Any, ...]:
     data = None if e.data is None else json.dumps(e.data, separators=(",", ":"))
     return (code, seq, e.kind, e.time, e.recv_time, e.mono, e.sensor, e.value, e.unit, data, e.raw)
+
+
+_READING_EVENT = partial(Event, Stream.READINGS.value)
 
 
 def _to_event(stream: Stream, row: Sequence[Any]) -> Event:
@@ -821,6 +832,10 @@ class EventLog:
             events = list(islice(recent, start, start + limit))
             if events and events[0].seq == after + 1:  # contiguous, as it always should be
                 return events
+        if stream is Stream.READINGS:
+            async with db.execute(_SELECT_READINGS, (after, upto, limit)) as cur:
+                rows = await cur.fetchall()
+            return list(starmap(_READING_EVENT, rows))
         async with db.execute(
             _SELECT + " WHERE stream=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
             (STREAM_CODES[stream], after, upto, limit),
