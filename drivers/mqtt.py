@@ -36,7 +36,9 @@ means the same on both. What MQTT adds happens around them: `json_query` picks t
 of the document first; a csv, kv or regex payload is cut into lines; and a long reading without
 a sensor field takes the topic's sensor, which for JSON is written into the object (under the
 `mapping.sensor` key, which the decoders read before a dotted path) and for the line formats is
-a decoder whose fixed `sensor` is the topic's (one per sensor name, kept).
+a decoder whose fixed `sensor` is the topic's (one per sensor name, kept). A JSON payload of
+plain objects (known names, finite numbers, epoch times: what devices send) becomes readings
+straight from the parsed document (`decoders.PlainMapping`); any other takes the general way.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.config import MqttInputConfig
 from agent.events import Invalid, Reading, Rejected, Sample
 from drivers.base import Batch, DriverError
-from drivers.decoders import JsonDecoder, LineDecoder, decode_json, decoder_for
+from drivers.decoders import JsonDecoder, LineDecoder, decode_json, decoder_for, loads
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +291,12 @@ class MqttDriver:
         if cfg.format != "number" and not _lines_lack_sensor(cfg):
             self._decode = decoder_for(cfg)
         self._topic_decoders: dict[str, LineDecoder | Invalid] = {}
+        self._fill = cfg.takes_topic_sensor  # a property that searches the template
         # Kv and regex lines may lack a field; a CSV record has every column.
-        self._mend_by_topic = cfg.takes_topic_sensor and cfg.format in ("kv", "regex")
+        self._mend_by_topic = self._fill and cfg.format in ("kv", "regex")
+        # The JSON fast path (`_plain_readings`), and whether it can name by the topic too.
+        self._plain = self._decode.plain if isinstance(self._decode, JsonDecoder) else None
+        self._plain_fill = self._plain is not None and self._plain.names_by_default
         self._paho_errors = _LastError()
         self._paho_log = logging.Logger(f"{__name__}.paho.{cfg.name}", logging.WARNING)
         self._paho_log.addHandler(self._paho_errors)
@@ -833,21 +839,28 @@ class MqttDriver:
             items.append(self._reject(raw[: self.cfg.max_payload], "oversized", detail, now, mono))
             return
         fmt = self.cfg.format
+        found: list[Reading] | Invalid
         if fmt == "json":
-            result = self._decode_json(raw, topic_sensor)
-        elif fmt == "number":
-            result = self._decode_number(raw, topic_sensor, text)
+            found = self._decode_json(raw, topic_sensor, now, mono)
         else:
-            result = self._decode_lines(raw, topic_sensor, text)
-        if isinstance(result, Invalid):
-            items.append(self._reject(raw, result.reason, result.detail, now, mono))
-            return
-        name, append = self.name, items.append
-        for s in result:
-            when = s.time
-            append(
-                Reading(s.sensor, s.value, s.unit, now if when is None else when, now, mono, name)
-            )
+            if fmt == "number":
+                samples = self._decode_number(raw, topic_sensor, text)
+            else:
+                samples = self._decode_lines(raw, topic_sensor, text)
+            found = samples if isinstance(samples, Invalid) else self._readings(samples, now, mono)
+        if isinstance(found, Invalid):
+            items.append(self._reject(raw, found.reason, found.detail, now, mono))
+        else:
+            items += found
+
+    def _readings(self, samples: list[Sample], now: float, mono: float) -> list[Reading]:
+        """Samples as the input hands them on: the event time is the receive time when the
+        device sent none."""
+        name = self.name
+        return [
+            Reading(s.sensor, s.value, s.unit, now if s.time is None else s.time, now, mono, name)
+            for s in samples
+        ]
 
     def _sensor_from_topic(self, topic: str) -> str | None:
         m = self._pattern.match(topic)
@@ -924,22 +937,27 @@ class MqttDriver:
             self._topic_decoders[sensor] = decode
         return decode
 
-    def _decode_json(self, raw: bytes, topic_sensor: str | None) -> list[Sample] | Invalid:
+    def _decode_json(
+        self, raw: bytes, topic_sensor: str | None, now: float, mono: float
+    ) -> list[Reading] | Invalid:
         """JSON readings at `json_query`, an object or a list; the topic's sensor if none."""
         cfg = self.cfg
         decode = self._decode
-        assert decode is not None
-        fill = topic_sensor is not None and cfg.takes_topic_sensor
-        if not cfg.json_query and not fill:
-            return decode(raw)
+        assert isinstance(decode, JsonDecoder)  # what decoder_for builds for format json
         try:
-            doc = json.loads(raw.decode("utf-8"))
+            doc = loads(raw.decode("utf-8"))
         except (ValueError, RecursionError):
-            return decode(raw)  # which names what is wrong: invalid_utf8, invalid_json, blank
+            # The decoder names what is wrong: invalid_utf8, invalid_json, or a blank payload.
+            found = decode(raw)
+            return found if isinstance(found, Invalid) else self._readings(found, now, mono)
         if cfg.json_query:
             doc = _at(doc, cfg.json_query)
             if doc is _MISSING:
                 return Invalid("missing_field", f"no {cfg.json_query!r}")
+        fill = topic_sensor is not None and self._fill
+        readings = self._plain_readings(doc, topic_sensor if fill else None, now, mono)
+        if readings is not None:
+            return readings
         if fill:
             items = doc if isinstance(doc, list) else [doc]
             for i, item in enumerate(items):
@@ -948,14 +966,35 @@ class MqttDriver:
                 if isinstance(item, dict) and not _has_field(item, cfg.mapping.sensor):
                     item[cfg.mapping.sensor] = topic_sensor
             doc = doc if isinstance(doc, list) else items[0]
-        if isinstance(decode, JsonDecoder):  # parsed once: the decoder takes the document
-            return decode.decode_doc(doc)
-        try:
-            text = json.dumps(doc)
-        except (ValueError, RecursionError):
-            return Invalid("invalid_json", "nested too deeply")
-        # Encoded again for the decoder, which so applies to MQTT what it applies to serial.
-        return decode(text.encode())
+        found = decode.decode_doc(doc)
+        return found if isinstance(found, Invalid) else self._readings(found, now, mono)
+
+    def _plain_readings(
+        self, doc: Any, sensor: str | None, now: float, mono: float
+    ) -> list[Reading] | None:
+        """The readings of a parsed document when it is an object or a list of them (or, named
+        by the topic's `sensor`, of bare numbers) and every object is plain (see
+        `PlainMapping.reading`); else None: the general way then decides, all or nothing,
+        and gives the exact verdict.
+
+        Devices send plain objects, often a hundred to a message, and checking each field the
+        general way and building a Sample before its Reading cost three times what parsing
+        the message did.
+        """
+        if self._plain is None or (sensor is not None and not self._plain_fill):
+            return None
+        plain, name = self._plain.reading, self.name
+        out: list[Reading] = []
+        for obj in doc if type(doc) is list else (doc,):
+            if type(obj) is not dict:
+                if sensor is None or (type(obj) is not float and type(obj) is not int):
+                    return None
+                obj = {self.cfg.mapping.value: obj}  # a bare number, as the general way fills it
+            reading = plain(obj, now, mono, name, "", sensor)
+            if reading is None:
+                return None
+            out.append(reading)
+        return out
 
     def _reject(self, raw: bytes, reason: str, detail: str, now: float, mono: float) -> Rejected:
         return Rejected(raw, reason, detail, self.name, now, mono)

@@ -88,8 +88,8 @@ def _float(x: float) -> tuple[type, str]:
 
 # --------------------------------------------------------------------------- lines
 
-_names = st.sampled_from(["temp1", "t", "C", "%", "°C", "🌡", "lab.x"]) | st.text(max_size=6)
-_odd_texts = st.sampled_from(
+names = st.sampled_from(["temp1", "t", "C", "%", "°C", "🌡", "lab.x"]) | st.text(max_size=6)
+odd_texts = st.sampled_from(
     ["", " ", "\x00", "a\x1fb", "a\x85", "x" * 33, "y" * 129, "nan", "-inf", "21.5", "1e999",
      " 1764170000 ", "2025-11-26T12:00:00Z", "2025-11-26T13:00:00+01:00", "99999-01-01"]
 )  # fmt: skip
@@ -98,15 +98,15 @@ _edge_numbers = [
     253402300799, 253402300799.0, 253402300799.5, 253402300800, -1, -1e-300, 1e308,
     math.nan, math.inf, -math.inf,
 ]  # fmt: skip
-_numbers = (
+numbers = (
     st.floats()
     | st.integers()
     | st.floats(min_value=0, max_value=4e11)
     | st.sampled_from(_edge_numbers)
 )
-_scalars = st.none() | st.booleans() | _numbers | _names | _odd_texts
-_values = st.recursive(
-    _scalars,
+scalars = st.none() | st.booleans() | numbers | names | odd_texts
+values = st.recursive(
+    scalars,
     lambda children: (
         st.lists(children, max_size=3)
         | st.dictionaries(st.sampled_from(_KEYS), children, max_size=3)
@@ -114,28 +114,28 @@ _values = st.recursive(
     max_leaves=6,
 )
 # Raw JSON value text that json.dumps does not write: big numbers, exponents, escapes.
-_raw_values = st.sampled_from(
+raw_values = st.sampled_from(
     ["1" * 5000, "-0", "1E2", "1.5e-3", "21.50", "1e400", "-Infinity", "NaN", '"\\u0074emp1"',
      '"\\ud800"', '"a\tb"', "tru", "01", "[", "{}", "}"]
 )  # fmt: skip
-_blanks = st.sampled_from(["", " ", "\t", "  ", "\r", "\n "])
+blanks = st.sampled_from(["", " ", "\t", "  ", "\r", "\n "])
 
 
 @st.composite
-def _objects(draw: st.DrawFn) -> str:
+def objects(draw: st.DrawFn) -> str:
     """An object's text: keys the mappings name (maybe twice), any values, any spacing."""
     pairs = draw(
         st.lists(
-            st.tuples(st.sampled_from(_KEYS), _values.map(json.dumps) | _raw_values),
+            st.tuples(st.sampled_from(_KEYS), values.map(json.dumps) | raw_values),
             max_size=6,
         )
     )
     ascii_only = draw(st.booleans())
-    blank = draw(_blanks)
+    blank = draw(blanks)
     members = [
-        json.dumps(k, ensure_ascii=ascii_only) + blank + ":" + draw(_blanks) + v for k, v in pairs
+        json.dumps(k, ensure_ascii=ascii_only) + blank + ":" + draw(blanks) + v for k, v in pairs
     ]
-    return "{" + blank + ("," + draw(_blanks)).join(members) + draw(_blanks) + "}"
+    return "{" + blank + ("," + draw(blanks)).join(members) + draw(blanks) + "}"
 
 
 @st.composite
@@ -144,21 +144,21 @@ def _plain_objects(draw: st.DrawFn, cfg: SerialInputConfig) -> str:
     m = cfg.mapping
     doc: dict[str, Any] = {}
     for key, values, present in [
-        (m.sensor, _names | _odd_texts, _nearly_always),
-        (m.value, _numbers | _odd_texts, _nearly_always),
-        (m.unit or "unit", st.none() | _names | _odd_texts, _mostly),
+        (m.sensor, names | odd_texts, nearly_always),
+        (m.value, numbers | odd_texts, nearly_always),
+        (m.unit or "unit", st.none() | names | odd_texts, mostly),
     ]:
         if draw(present):
             doc[key] = draw(values)
     for key in draw(st.lists(st.sampled_from([*m.time, "ts"]), unique=True, max_size=2)):
-        doc[key] = draw(st.none() | _numbers | _odd_texts)
+        doc[key] = draw(st.none() | numbers | odd_texts)
     for key in draw(st.lists(st.sampled_from(_KEYS), max_size=1)):  # maybe again, or another
-        doc[key] = draw(_values)
+        doc[key] = draw(values)
     return json.dumps(doc, separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])))
 
 
-_mostly = st.sampled_from([True] * 4 + [False])
-_nearly_always = st.sampled_from([True] * 19 + [False])
+mostly = st.sampled_from([True] * 4 + [False])
+nearly_always = st.sampled_from([True] * 19 + [False])
 _around = st.sampled_from([" ", "\r", "\t", "\ufeff", "x", "}", ",{}", "\x00", "\\"])
 
 
@@ -172,14 +172,14 @@ def lines(draw: st.DrawFn, cfg: SerialInputConfig) -> bytes:
     if kind == "plain":
         text = draw(_plain_objects(cfg))
     elif kind == "object":
-        text = draw(_objects())
+        text = draw(objects())
     elif kind == "list":
-        text = "[" + ",".join(draw(st.lists(_objects() | _plain_objects(cfg), max_size=3))) + "]"
+        text = "[" + ",".join(draw(st.lists(objects() | _plain_objects(cfg), max_size=3))) + "]"
     else:
-        text = draw(_values.map(json.dumps) if kind == "value" else _raw_values)
-    if not draw(_mostly):
+        text = draw(values.map(json.dumps) if kind == "value" else raw_values)
+    if not draw(mostly):
         text = draw(_around) + text
-    if not draw(_mostly):
+    if not draw(mostly):
         text += draw(_around)
     line = text.encode()
     broken = draw(st.sampled_from([None] * 8 + ["utf8", "cut"]))
