@@ -108,7 +108,7 @@ _SELECT = (
 # Readings (no data, no raw: the bulk of a backlog) as `Event`'s positional arguments, for
 # `starmap`: no Python function per row between the row and the event (half the cost).
 _SELECT_READINGS = (
-    f"SELECT seq, 'reading', coalesce(time, recv_time), recv_time, mono, sensor, value, unit"
+    "SELECT seq, 'reading', coalesce(time, recv_time), recv_time, mono, sensor, value, unit"
     f" FROM events WHERE stream={STREAM_CODES[Stream.READINGS]} AND seq>? AND seq<=?"
     " ORDER BY seq LIMIT ?"
 )

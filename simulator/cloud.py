@@ -456,34 +456,43 @@ def store_batch(
         streams: dict[str, int] = {}
         for ev in new:
             streams[ev.stream] = streams.get(ev.stream, 0) + 1
-        conn.executemany(
-            "INSERT INTO streams (stream, count) VALUES (?, ?) "
-            "ON CONFLICT (stream) DO UPDATE SET count = count + excluded.count",
-            streams.items(),
-        )
         _update_sensors(conn, new)
-        duplicates = len(batch.events) - accepted
-        if duplicates:
-            _bump(conn, "duplicates", duplicates)
-        _bump(conn, "batches")
-        if batch.events:
-            conn.execute(
-                "INSERT INTO deliveries (received_at, source, events, accepted, duplicates, lag)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    received_at,
-                    source,
-                    len(batch.events),
-                    accepted,
-                    duplicates,
-                    received_at - max(ev.recv_time for ev in batch.events),
-                ),
-            )
+        newest_recv = max((ev.recv_time for ev in batch.events), default=0.0)
+        _tally(conn, streams, len(batch.events), accepted, received_at, source, newest_recv)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    return accepted, duplicates
+    return accepted, len(batch.events) - accepted
+
+
+def _tally(
+    conn: sqlite3.Connection,
+    streams: Mapping[str, int],
+    events: int,
+    accepted: int,
+    received_at: float,
+    source: str,
+    newest_recv: float,
+) -> None:
+    """A stored batch's counters: the events accepted per stream, the duplicates, the batch,
+    and (for a non-empty batch) its `deliveries` row, whose lag is `received_at` minus the
+    newest `recv_time` in it."""
+    conn.executemany(
+        "INSERT INTO streams (stream, count) VALUES (?, ?) "
+        "ON CONFLICT (stream) DO UPDATE SET count = count + excluded.count",
+        streams.items(),
+    )
+    duplicates = events - accepted
+    if duplicates:
+        _bump(conn, "duplicates", duplicates)
+    _bump(conn, "batches")
+    if events:
+        conn.execute(
+            "INSERT INTO deliveries (received_at, source, events, accepted, duplicates, lag)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (received_at, source, events, accepted, duplicates, received_at - newest_recv),
+        )
 
 
 def _update_sensors(conn: sqlite3.Connection, new: list[IngestEvent]) -> None:
@@ -633,11 +642,6 @@ def _store_readings(
         if inserted != n:
             conn.execute("ROLLBACK")
             return None
-        conn.execute(
-            "INSERT INTO streams (stream, count) VALUES ('readings', ?) "
-            "ON CONFLICT (stream) DO UPDATE SET count = count + excluded.count",
-            (n,),
-        )
         # Newest by event time, a tie going to the later reading. An agent's batch is most
         # often in time order, where that is each sensor's last reading: a dict keeps the last.
         if times == sorted(times):
@@ -653,12 +657,7 @@ def _store_readings(
             Counter(sensors),
             {s: (times[i], batch.values[i], batch.units[i]) for s, i in newest.items()},
         )
-        _bump(conn, "batches")
-        conn.execute(
-            "INSERT INTO deliveries (received_at, source, events, accepted, duplicates, lag)"
-            " VALUES (?, ?, ?, ?, 0, ?)",
-            (received_at, source, n, n, received_at - max(batch.recv_times)),
-        )
+        _tally(conn, {"readings": n}, n, n, received_at, source, max(batch.recv_times))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
