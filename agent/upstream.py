@@ -11,10 +11,10 @@ Batching works as Nagle's algorithm does for TCP: an idle upstream (nothing sent
 acknowledged) sends what is committed at once, however little; while messages are in flight,
 the next batch gathers until it is full (`batch_size`), an acknowledgement leaves the upstream
 idle, or it has waited `linger`. A trickle of readings so goes out as it is committed, and a
-flood fills big batches behind the ones in flight. Alerts never wait. An upstream that sends
-one request at a time (HTTP) is never "in flight" when it asks for the next batch; it counts
-as busy for `linger` after each acknowledged request instead (`Feed.rested`), so a steady
-flow becomes a few large requests a second rather than one per log commit.
+flood fills big batches behind the ones in flight. Alerts never wait. The HTTP upstream, whose
+requests are answered fast but cost both ends far more than a message, also counts as busy for
+`linger` after each answered request (`Feed.rested`), so a steady flow becomes a few large
+requests a second rather than one per log commit.
 
 Cursor moves are submitted to the log without waiting for their commit, so the next batch goes
 out while the last one's cursor is being written; the feed keeps its own read positions, ahead
@@ -368,7 +368,7 @@ class Feed:
         # While a batch gathers behind messages in flight: when it goes regardless (linger).
         self._gather_until: float | None = None
         #: Monotonic time until which the upstream counts as busy though nothing is in flight
-        #: (set by upstreams that send one request at a time, after each request).
+        #: (set by the HTTP upstream after each answered request).
         self.rested = 0.0
 
     async def open(self, event_log: EventLog) -> None:

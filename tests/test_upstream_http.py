@@ -381,6 +381,91 @@ async def test_routing_by_sensor_and_severity_moves_the_cursor_past_what_it_leav
     assert log.cursor(up.consumer, Stream.ALERTS) == 3
 
 
+async def test_requests_overlap_up_to_max_inflight_and_cursors_wait_for_the_oldest(
+    tmp_path: Path,
+) -> None:
+    """Three requests go at once; the first is held while the two after it are answered:
+    the cursor stays before the first, no fourth request goes while the oldest is
+    unanswered, and once it is answered the rest follows, each batch sent once."""
+    release = asyncio.Event()
+    three_in = asyncio.Event()
+    inside = most = 0
+    firsts: list[int] = []
+    stored: set[str] = set()
+
+    async def ingest(request: web.Request) -> web.Response:
+        nonlocal inside, most
+        body = json.loads(await request.read())
+        first = body["events"][0]["seq"]
+        firsts.append(first)
+        inside += 1
+        most = max(most, inside)
+        if inside == 3:
+            three_in.set()
+        try:
+            await (release if first == 1 else three_in).wait()
+        finally:
+            inside -= 1
+        stored.update(e["id"] for e in body["events"])
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/ingest", ingest)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+            await fill(log, 100)
+            up = upstream(f"http://127.0.0.1:{port}/ingest", batch_size=10, max_inflight=3)
+            async with Running(log, up):
+                await eventually(lambda: len(stored) == 20, what="the 2nd and 3rd answered")
+                assert sorted(firsts) == [1, 11, 21]
+                assert log.cursor(up.consumer, Stream.READINGS) == 0
+                # Nothing to await for an absence: watch a moment for a 4th request.
+                await asyncio.sleep(0.2)
+                assert len(firsts) == 3 and up.status.inflight == 3
+                assert log.cursor(up.consumer, Stream.READINGS) == 0
+                release.set()
+                await eventually(caught_up(log, up), what="delivery")
+            log_id = log.log_id
+    finally:
+        release.set()  # a held handler would hold the cleanup for its shutdown timeout
+        await runner.cleanup()
+    assert stored == {f"{log_id}:readings:{i}" for i in range(1, 101)}
+    assert sorted(firsts) == list(range(1, 101, 10)), "each batch once"
+    assert most == 3 and up.status.max_inflight == 3
+    assert up.status.sent == 100 and up.status.failures == 0
+
+
+async def test_a_failure_amid_requests_in_flight_resends_from_the_oldest_unanswered(
+    tmp_path: Path,
+) -> None:
+    """The second of several requests in flight fails once: the ones answered around it are
+    kept, everything from the failed batch on is sent again, and nothing is lost."""
+    failed: list[int] = []
+
+    def answer(batch: dict[str, Any]) -> int:
+        first = batch["events"][0]["seq"]
+        if first == 11 and not failed:
+            failed.append(first)
+            return 503
+        return 200
+
+    async with Endpoint(answer) as ep, EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 100)
+        up = upstream(ep.url, batch_size=10, max_inflight=4)
+        async with Running(log, up):
+            await eventually(caught_up(log, up), what="delivery")
+        log_id = log.log_id
+    assert failed == [11]
+    assert ep.ids == {f"{log_id}:readings:{i}" for i in range(1, 101)}
+    assert up.status.failures == 1 and up.status.sent == 100
+    statuses = [status for _, status, _ in ep.requests]
+    assert statuses.count(503) == 1 and statuses.count(200) >= 10
+
+
 async def test_one_upstream_hanging_never_delays_another(tmp_path: Path) -> None:
     """Three upstreams on one log: a hung one (timeout far longer than the test), one for
     everything and one for alerts only. The two that work deliver as if alone."""
@@ -436,7 +521,14 @@ async def test_batches_share_a_connection_and_an_idle_close_costs_no_failure(
 
     async with RawServer(script) as server, EventLog.open(tmp_path / "e.db", log_cfg()) as log:
         await fill(log, 100)
-        up = upstream(server.url, batch_size=10, gzip=False, backoff_initial=5, backoff_max=5)
+        up = upstream(
+            server.url,
+            batch_size=10,
+            gzip=False,
+            backoff_initial=5,
+            backoff_max=5,
+            max_inflight=1,  # one connection at a time, so the closes are the server's
+        )
         async with Running(log, up):
             await eventually(caught_up(log, up), what="delivery")
         log_id = log.log_id
@@ -583,7 +675,7 @@ def test_config_errors_of_upstreams_name_the_field() -> None:
             "  - {type: mqtt, name: b, url: 'mqtt://h', topic: 'x/{sensor}'}\n"
             "  - {type: mqtt, name: c, url: 'mqtt://h', token: t, username: u}\n"
             "  - {type: http, name: 'd e', url: 'https://x/i', sensors: [], retry_status: [503]}\n"
-            "  - {type: http, name: f, url: 'https://x/i', max_inflight: 3}\n"
+            "  - {type: http, name: f, url: 'https://x/i', keepalive: 30}\n"
         )
     messages = [f"{i.path}: {i.message}" for i in err.value.issues]
     assert messages[:6] == [
@@ -594,7 +686,7 @@ def test_config_errors_of_upstreams_name_the_field() -> None:
         'upstreams[3].sensors: cannot be empty (leave it out, or write "*", for all sensors)',
         "upstreams[3].retry_status: 503 is not a 4xx status (5xx are always retried)",
     ]
-    assert messages[6].startswith("upstreams[4].max_inflight: unknown key (known keys: name,")
+    assert messages[6].startswith("upstreams[4].keepalive: unknown key (known keys: name,")
     with pytest.raises(ConfigError) as err:
         parse_config(
             "inputs:\n"
