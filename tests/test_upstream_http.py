@@ -665,6 +665,38 @@ def test_the_fast_encoder_writes_what_json_dumps_writes(
         assert encoder.event(event).isascii()
 
 
+_few_floats = st.sampled_from([0.0, -0.0, 1.5, 1764212345.123456, float("inf")])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["readings", "aggregates"]),
+            st.sampled_from(["reading", "aggregate"]),
+            st.sampled_from(["t", "h", 'q"1', "é"]),
+            st.sampled_from([None, "C", "%"]),
+            st.floats(allow_nan=False) | _few_floats,
+            _few_floats,
+            _few_floats,
+            st.none() | st.just({"window": "1m"}),
+        ),
+        max_size=40,
+    )
+)
+def test_a_run_of_events_encodes_as_each_alone_would(
+    rows: list[tuple[str, str, str, str | None, float, float, float, dict[str, str] | None]],
+) -> None:
+    """Within one call the times and each sensor's parts are reused while they hold: events
+    of several sensors, shared and changing times, and some the slow way, in any order."""
+    events = [
+        Event(stream, seq, kind, t, recv, 0.0, sensor, value, unit, data)
+        for seq, (stream, kind, sensor, unit, value, t, recv, data) in enumerate(rows, 1)
+    ]
+    expected = [json.dumps(e.to_wire("3e1a"), separators=(",", ":")) for e in events]
+    assert WireEncoder("3e1a").events(events) == expected
+
+
 def test_config_errors_of_upstreams_name_the_field() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(
