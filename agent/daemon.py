@@ -10,6 +10,7 @@ every other command line (`run --help` included) goes to the typer app in `agent
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -19,6 +20,9 @@ from pathlib import Path
 from agent.config import AgentConfig, ConfigError, load_config
 
 log = logging.getLogger("agent")
+
+#: The cycle collector's thresholds while the daemon runs (CPython's default: 700, 10, 10).
+GC_THRESHOLDS = (50_000, 10, 10)
 
 
 def main() -> None:
@@ -61,6 +65,8 @@ def run_agent(config: Path) -> int:
     from agent.notify import Notifier
     from agent.runtime import Agent
 
+    tune_gc()
+
     async def serve() -> None:
         # Taken out of the environment, so command actions cannot speak for the agent.
         agent = Agent(cfg, Notifier.from_env(unset=True))
@@ -88,6 +94,25 @@ def run_agent(config: Path) -> int:
         log.critical("agent failed: %s", exc, exc_info=True)
         return 1
     return 0
+
+
+def tune_gc() -> None:
+    """Spare the daemon's cycle collector the objects it can never free and the readings it
+    should never have to look at.
+
+    A reading lives from its decode to its group commit (100 ms and more): with CPython's
+    default thresholds the young collections ran every few hundred readings, found it alive,
+    and promoted it, so full collections through the whole heap followed every half second.
+    At 50,000 readings/s that was a fifth of the event loop's time (2.3 s of a 12 s run,
+    measured with gc.callbacks). A young collection after 50,000 new containers (about
+    15,000 readings: a collection per 0.15 s at 100,000 readings/s, per 15 s at a Pi's 1,000)
+    finds most of them committed and freed, and costs what it finds alive, not what came and
+    went, so it costs the same however rare it is. `gc.freeze` moves what startup made (the
+    modules, classes and config, which live as long as the process) out of every collection.
+    Garbage is freed by reference counting as before; only cycles wait a little longer.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _force_exit() -> None:

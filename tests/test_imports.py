@@ -1,4 +1,5 @@
-"""What the running agent imports: only the libraries its config uses (issue 7, peak RSS).
+"""What the running agent imports: only the libraries its config uses (issue 7, peak RSS); and
+how it tunes its cycle collector.
 
 Each library costs RSS for the agent's whole life (on a Pi: paho about 1 MiB, aiohttp.web and
 prometheus_client about 3, rich about 2), so the `run` path imports a part's library only when
@@ -20,16 +21,22 @@ import tty
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.daemon import GC_THRESHOLDS
 from tests.conftest import free_port, wait_until
 
-#: Runs the CLI as `python -m agent` does, and writes sys.modules when the interpreter exits.
+#: Runs the CLI as `python -m agent` does, and writes sys.modules and the cycle collector's
+#: settings when the interpreter exits.
 RUN_AND_DUMP = """
-import atexit, json, sys
+import atexit, gc, json, sys
 out, config = sys.argv[1:]
-atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+atexit.register(lambda: open(out, "w").write(json.dumps({
+    "modules": sorted(sys.modules),
+    "gc": {"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()},
+})))
 sys.argv = ["edge-agent", "run", config]
 from agent.daemon import main
 main()
@@ -68,6 +75,11 @@ def _answers(url: str) -> bool:
 
 def modules_of_run(tmp_path: Path, config: str, running: Callable[[], bool]) -> set[str]:
     """Run the agent on `config` until `running()` holds, stop it; the modules it loaded."""
+    return set(run_and_dump(tmp_path, config, running)["modules"])
+
+
+def run_and_dump(tmp_path: Path, config: str, running: Callable[[], bool]) -> dict[str, Any]:
+    """Run the agent on `config` until `running()` holds, stop it; what RUN_AND_DUMP wrote."""
     path, out = tmp_path / "agent.yaml", tmp_path / "modules.json"
     path.write_text(config)
     log = (tmp_path / "agent.log").open("w")
@@ -86,7 +98,8 @@ def modules_of_run(tmp_path: Path, config: str, running: Callable[[], bool]) -> 
             proc.kill()
             proc.wait()
         log.close()
-    return set(json.loads(out.read_text()))
+    dump: dict[str, Any] = json.loads(out.read_text())
+    return dump
 
 
 def loaded(modules: set[str], name: str) -> bool:
@@ -117,11 +130,16 @@ upstreams:
         os.write(master, b'{"sensor": "t1", "value": 21.5}\n')
         return _readings(db) >= 10
 
-    modules = modules_of_run(tmp_path, config, device_heard)
+    dump = run_and_dump(tmp_path, config, device_heard)
+    modules = set(dump["modules"])
     for needed in ("serial", "agent.httpclient", "aiosqlite", "numpy", "pydantic"):
         assert loaded(modules, needed), needed
     for unused in ("paho", "prometheus_client", "aiohttp", "rich", "typer", "click"):
         assert not loaded(modules, unused), f"{unused} imported with nothing using it"
+    # agent.daemon.tune_gc: what startup made is out of every collection, and young
+    # collections are rare enough that readings are committed and freed before them.
+    assert tuple(dump["gc"]["threshold"]) == GC_THRESHOLDS
+    assert dump["gc"]["frozen"] > 10_000
 
 
 def test_mqtt_parts_load_paho_and_no_aiohttp(tmp_path: Path) -> None:
