@@ -984,6 +984,10 @@ class MqttDriver:
         if self._plain is None or (sensor is not None and not self._plain_fill):
             return None
         plain, name = self._plain.reading, self.name
+        if type(doc) is list:
+            found = self._plain.readings(doc, now, mono, name, "", sensor)
+            if found is not None:
+                return found
         out: list[Reading] = []
         for obj in doc if type(doc) is list else (doc,):
             if type(obj) is not dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from agent.config import MqttInputConfig
 from agent.events import Invalid, Reading, Rejected
-from drivers.decoders import decoder_for
+from drivers.decoders import _KNOWN_NAMES, _KNOWN_UNITS, decoder_for
 from drivers.mqtt import MqttDriver
 from tests.test_decoders_fast import (
     exactly,
@@ -259,6 +259,37 @@ def test_a_batch_of_messages_is_exactly_the_general_paths(data: st.DataObject) -
     for _ in range(2):  # the second time, every name is known
         got = [item for topic, raw in messages for item in decode(fast, topic, raw)]
         assert got == [item for topic, raw in messages for item in decode(general, topic, raw)]
+
+
+@pytest.mark.parametrize(
+    "name", ["default", "renamed", "no-unit-one-time", "no-time", "value-is-time"]
+)
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_a_list_decoded_at_once_is_what_each_object_gives(name: str, data: st.DataObject) -> None:
+    """`PlainMapping.readings` (column by column) gives exactly the readings of
+    `PlainMapping.reading` on each object, or None when one of them is not plain; and it
+    answers for every list of plain objects but where it says it will not (a later time key,
+    numbers whose sum overflows)."""
+    cfg = config(name)
+    plain = MqttDriver(cfg)._plain
+    assert plain is not None
+    maybe_odd = data.draw(st.booleans(), label="an odd field in some")
+    objects = _plain_objects(cfg) if maybe_odd else _plain_objects(cfg, st.none())
+    objs = data.draw(st.lists(objects, min_size=1, max_size=8), label="objects")
+    sensor = data.draw(st.none() | st.sampled_from(["temp1", "pi.t"]), label="sensor")
+    _KNOWN_NAMES.update(["temp1", "t", "C", "pi.temp", "pi.t", "x" * 33])
+    _KNOWN_UNITS.update(["C", "%"])
+    one_by_one = [plain.reading(o, RECV, MONO, "m", "p.", sensor) for o in objs]
+    at_once = plain.readings(objs, RECV, MONO, "m", "p.", sensor)
+    if at_once is not None:
+        assert None not in one_by_one
+        assert exactly(at_once) == exactly(cast(list[Reading], one_by_one))
+    elif None not in one_by_one:
+        later_time = len(plain.time) > 1 and any(plain.time[0] not in o for o in objs)
+        overflow = not math.isfinite(sum(cast(Reading, r).value for r in one_by_one))
+        assert later_time or overflow, "plain objects, yet not taken at once"
+    event("at once" if at_once is not None else "one by one")
 
 
 # --------------------------------------------------------------------------- examples
