@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain, islice, starmap
+from itertools import chain, islice, repeat, starmap
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -224,6 +224,11 @@ _FIELDS = {
     False: attrgetter("event_time", "recv_time", "mono", "sensor", "value"),
 }
 _UNIT = attrgetter("unit")
+_EVENT_TIME = attrgetter("event_time")
+_RECV_TIME = attrgetter("recv_time")
+_MONO = attrgetter("mono")
+_SENSOR = attrgetter("sensor")
+_VALUE = attrgetter("value")
 
 
 def _insert_readings(conn: sqlite3.Connection, first_seq: int, readings: Sequence[Reading]) -> None:
@@ -777,7 +782,24 @@ class EventLog:
         read_name = Stream.READINGS.value
         for sub, start in zip(batch, starts, strict=True):
             seq, n_dead = start[Stream.READINGS], start[Stream.DEADLETTER]
-            for r in sub.readings if keep_readings else ():
+            items = sub.readings if keep_readings else ()
+            if items and not sub.rejected:
+                # All readings (an input's batch, as a rule): their events in C loops.
+                readings.extend(
+                    map(
+                        _READING_EVENT,
+                        range(seq + 1, seq + 1 + len(items)),
+                        repeat("reading"),
+                        map(float, map(_EVENT_TIME, items)),
+                        map(_RECV_TIME, items),
+                        map(_MONO, items),
+                        map(_SENSOR, items),
+                        map(float, map(_VALUE, items)),
+                        map(_UNIT, items),
+                    )
+                )
+                items = ()
+            for r in items:
                 if type(r) is Reading:
                     seq += 1
                     readings.append(
