@@ -24,13 +24,13 @@ import os
 import re
 import signal
 import ssl
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from agent import mqttloop
 from agent.backoff import Backoff
 from agent.config import (
     ActionConfig,
@@ -325,10 +325,9 @@ class WebhookAction(Action):
 class MqttAction(Action):
     """Publish each alert to a local broker, QoS 1; done once the broker's PUBACK came.
 
-    The paho client runs on the event loop as the MQTT input's does: only `connect()` runs in
-    an executor thread, then the loop reads and writes the socket and a small task keeps the
-    connection alive; paho is never touched from two threads. A connection is made when
-    the first alert comes and kept; a lost one is made again at the next attempt.
+    The paho client runs on the event loop, without a paho network thread (`agent/mqttloop.py`).
+    A connection is made when the first alert comes and kept; a lost one is made again at the
+    next attempt.
     """
 
     cfg: MqttActionConfig
@@ -339,7 +338,6 @@ class MqttAction(Action):
         self._misc: asyncio.Task[None] | None = None
         self._connected: asyncio.Future[None] | None = None
         self._acks: dict[int, asyncio.Future[None]] = {}
-        self._thread: int | None = None
 
     async def perform(self, event: Event, log_id: str) -> None:
         import paho.mqtt.client as mqtt  # deferred: only agents with an MQTT action pay for it
@@ -377,7 +375,6 @@ class MqttAction(Action):
             return self._client
         await self.close()
         loop = asyncio.get_running_loop()
-        self._thread = threading.get_ident()
         url = urlsplit(self.cfg.url)
         tls = url.scheme == "mqtts"
         host, port = url.hostname or "127.0.0.1", url.port or (8883 if tls else 1883)
@@ -405,9 +402,7 @@ class MqttAction(Action):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        mqttloop.SocketHooks().install(client)
         keepalive = int(self.cfg.keepalive)
         try:
             await loop.run_in_executor(None, client.connect, host, port, keepalive)
@@ -417,10 +412,10 @@ class MqttAction(Action):
         if sock is None:
             raise ActionError(f"{host}:{port} closed the connection")
         self._client = client
-        loop.add_reader(sock, client.loop_read)
-        if client.want_write():
-            loop.add_writer(sock, client.loop_write)
-        self._misc = asyncio.create_task(self._keepalive(client), name=f"action-{self.name}")
+        mqttloop.watch(client, sock, client.loop_read)
+        self._misc = asyncio.create_task(
+            mqttloop.keep_alive(client, 1.0), name=f"action-{self.name}"
+        )
         try:
             async with asyncio.timeout(self.cfg.timeout):
                 await self._connected
@@ -431,15 +426,6 @@ class MqttAction(Action):
             await self.close()
             raise
         return client
-
-    async def _keepalive(self, client: mqtt.Client) -> None:
-        import paho.mqtt.client as mqtt  # deferred, as in `perform`
-
-        while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 (close cancels it)
-            await asyncio.sleep(1.0)
-
-    def _on_loop(self) -> bool:
-        return threading.get_ident() == self._thread
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -467,22 +453,6 @@ class MqttAction(Action):
         if ack is not None and not ack.done():
             ack.set_result(None)
 
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop():
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(sock)
-                loop.remove_writer(sock)
-
-    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop() and sock.fileno() != -1:
-            asyncio.get_running_loop().add_writer(sock, client.loop_write)
-
-    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop():
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_writer(sock)
-
     async def close(self) -> None:
         if self._misc is not None:
             self._misc.cancel()
@@ -495,14 +465,7 @@ class MqttAction(Action):
         with contextlib.suppress(OSError):
             client.disconnect()
             client.loop_write()  # sends DISCONNECT, and paho closes the socket
-        sock = client.socket()
-        if sock is not None:
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(sock)
-                loop.remove_writer(sock)
-            with contextlib.suppress(OSError):
-                sock.close()
+        mqttloop.close_socket(client)
 
 
 def build_action(cfg: ActionConfig) -> Action:

@@ -1,10 +1,7 @@
 """The MQTT upstream (paho-mqtt 2.x): events published at QoS 1; a cursor moves on PUBACK.
 
-The client runs on the event loop, as the MQTT input does (drivers/mqtt.py): only `connect()`
-(DNS, TCP and the TLS handshake block) runs in an executor thread; from then on the loop calls
-`loop_read`/`loop_write` when the socket is ready and a small task calls `loop_misc` for
-keepalives. There is no paho thread, so paho is never touched from two threads; its callbacks
-only mark tickets acknowledged and wake the sender.
+The client runs on the event loop, without a paho network thread (`agent/mqttloop.py`); its
+callbacks only mark tickets acknowledged and wake the sender.
 
 Acknowledgements: every message gets a ticket in an `AckWindow`, in the order it was sent. A
 PUBACK marks its ticket; a stream's cursor moves to the highest seq whose PUBACK, and every
@@ -37,7 +34,6 @@ import json
 import logging
 import socket
 import ssl
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -49,6 +45,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent import mqttloop
 from agent.backoff import Backoff
 from agent.config import MqttUpstreamConfig
 from agent.events import Event, Stream
@@ -415,7 +412,6 @@ class _Link:
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[str] = loop.create_future()
         self._ready: asyncio.Future[str | None] = loop.create_future()
-        self._loop_thread = threading.get_ident()
         self._client: mqtt.Client | None = None
         self._misc: asyncio.Task[None] | None = None
         self._errors = _PahoErrors()
@@ -439,7 +435,7 @@ class _Link:
             if not connecting.done():
                 # Stopping, or cancelled: the thread goes on (a connect is bounded by
                 # connect_timeout); whatever socket it ends with is closed, never used.
-                connecting.add_done_callback(lambda _: _close_socket(client))
+                connecting.add_done_callback(lambda _: mqttloop.close_socket(client))
         if not connecting.done():
             return
         try:
@@ -454,9 +450,7 @@ class _Link:
             with contextlib.suppress(OSError):
                 # paho leaves Nagle on: a PUBLISH would wait for the ACK of the one before.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        loop.add_reader(sock, self._read, client)
-        if client.want_write():
-            loop.add_writer(sock, client.loop_write)
+        mqttloop.watch(client, sock, self._read, client)
         self._misc = asyncio.create_task(self._misc_loop(client), name=f"mqtt-up-{self.cfg.name}")
         stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
         waiters: list[asyncio.Future[Any]] = [self._ready, self.lost, stopper]
@@ -517,9 +511,7 @@ class _Link:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        mqttloop.SocketHooks().install(client)
         return client
 
     def _connect(self, client: mqtt.Client) -> None:
@@ -562,13 +554,8 @@ class _Link:
             sock = client.socket()
 
     async def _misc_loop(self, client: mqtt.Client) -> None:
-        tick = min(1.0, self.cfg.keepalive / 4)
-        while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 (close cancels it)
-            await asyncio.sleep(tick)
+        await mqttloop.keep_alive(client, min(1.0, self.cfg.keepalive / 4))
         self._set_lost(self._errors.message or "the broker stopped answering (keepalive)")
-
-    def _on_loop_thread(self) -> bool:
-        return threading.get_ident() == self._loop_thread
 
     def _set_lost(self, why: str) -> None:
         if not self.lost.done():
@@ -595,24 +582,6 @@ class _Link:
         refused = str(reason) if getattr(reason, "is_failure", False) else None
         self._on_ack_cb(mid, refused)
 
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop_thread():
-            with contextlib.suppress(ValueError, OSError, RuntimeError):
-                loop = asyncio.get_running_loop()
-                loop.remove_reader(sock)
-                loop.remove_writer(sock)
-
-    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # During connect() (executor thread) `open` registers what is queued afterwards.
-        if self._on_loop_thread() and sock.fileno() != -1:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().add_writer(sock, client.loop_write)
-
-    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop_thread():
-            with contextlib.suppress(ValueError, OSError, RuntimeError):
-                asyncio.get_running_loop().remove_writer(sock)
-
     async def close(self) -> None:
         """Disconnect (politely, when still connected); safe to call twice."""
         client, self._client = self._client, None
@@ -627,16 +596,4 @@ class _Link:
             client.disconnect()
             with contextlib.suppress(OSError):
                 client.loop_write()
-        _close_socket(client)
-
-
-def _close_socket(client: mqtt.Client) -> None:
-    sock = client.socket()
-    if sock is None:
-        return
-    with contextlib.suppress(RuntimeError):  # no running loop: never registered
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(sock)
-        loop.remove_writer(sock)
-    with contextlib.suppress(OSError):
-        sock.close()
+        mqttloop.close_socket(client)

@@ -1,11 +1,8 @@
 """MQTT input (paho-mqtt 2.x): subscriptions whose messages are acknowledged after the commit.
 
-The client runs on the event loop, as aiomqtt does: only `connect()` (DNS, TCP and the TLS
-handshake block) runs in an executor thread, and the loop takes the socket over once it returns;
-from then on the loop reads and writes when the socket is ready and a small task calls
-`loop_misc` for keepalives. No paho network thread exists, so paho is never touched from two
-threads at once. `loop_misc` closes a connection whose broker answers no PINGREQ within the
-keepalive, and iteration then raises `DriverError`: the runtime's reconnect loop takes over.
+The client runs on the event loop, without a paho network thread (`agent/mqttloop.py`).
+`loop_misc` closes a connection whose broker answers no PINGREQ within the keepalive, and
+iteration then raises `DriverError`: the runtime's reconnect loop takes over.
 
 The read path is the driver's own for PUBLISH packets, the bulk: paho 2.x reads one packet per
 `loop_read` whatever `max_packets` says, in three system calls, and builds a message object
@@ -51,7 +48,6 @@ import re
 import socket
 import ssl
 import struct
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,6 +60,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent import mqttloop
 from agent.config import MqttInputConfig
 from agent.events import Invalid, Reading, Rejected, Sample
 from drivers.base import Batch, DriverError
@@ -315,7 +312,6 @@ class MqttDriver:
         self._lost: asyncio.Future[str] | None = None
         self._disconnect_reason = ""
         self._misc: asyncio.Task[None] | None = None
-        self._loop_thread: int | None = None
         self._paused = False
         self._session_present = False
         self._connects = 0
@@ -334,7 +330,6 @@ class MqttDriver:
         """
         await self.close()
         loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         self._closed.clear()
         self._inbox = deque()
         self._inbox_bytes = 0
@@ -362,12 +357,15 @@ class MqttDriver:
             why = self._why(exc)
             raise DriverError(f"{self.name}: cannot connect to {host}:{port}: {why}") from exc
         if self._closed.is_set():  # closed while connecting: iteration ends at once
-            _close_socket(client)
+            mqttloop.close_socket(client)
             return
         self._client = client
         try:
             self._watch(client)
-            self._misc = asyncio.create_task(self._misc_loop(client), name=f"mqtt-{self.name}")
+            tick = min(1.0, self.cfg.keepalive / 4)
+            self._misc = asyncio.create_task(
+                mqttloop.keep_alive(client, tick), name=f"mqtt-{self.name}"
+            )
             await self._handshake(host, port)
         except BaseException:
             await self.close()
@@ -401,9 +399,7 @@ class MqttDriver:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        mqttloop.SocketHooks().install(client)
         return client
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -496,10 +492,7 @@ class MqttDriver:
         # paho has sent CONNECT and read nothing yet: from here on it reads through the wire.
         wire = self._wire = _Wire(sock)
         client._sock = wire  # paho has no public way to be handed a socket
-        loop = asyncio.get_running_loop()
-        loop.add_reader(sock, self._read, client)
-        if client.want_write():
-            loop.add_writer(sock, client.loop_write)
+        mqttloop.watch(client, sock, self._read, client)
 
     def _read(self, client: mqtt.Client) -> None:
         """The socket is readable, or the wire holds what was read before a pause."""
@@ -589,32 +582,6 @@ class MqttDriver:
         finally:
             if pos:
                 del buf[:pos]
-
-    async def _misc_loop(self, client: mqtt.Client) -> None:
-        tick = min(1.0, self.cfg.keepalive / 4)
-        while client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:  # noqa: ASYNC110 (close cancels it)
-            await asyncio.sleep(tick)
-
-    def _on_loop_thread(self) -> bool:
-        return threading.get_ident() == self._loop_thread
-
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop_thread():
-            # RuntimeError: no running loop, when paho closes from Client.__del__.
-            with contextlib.suppress(ValueError, OSError, RuntimeError):
-                loop = asyncio.get_running_loop()
-                loop.remove_reader(sock)
-                loop.remove_writer(sock)
-
-    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # During connect() (executor thread) `_watch` registers what is queued afterwards.
-        if self._on_loop_thread() and sock.fileno() != -1:
-            asyncio.get_running_loop().add_writer(sock, client.loop_write)
-
-    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._on_loop_thread():
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_writer(sock)
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -1041,7 +1008,7 @@ class MqttDriver:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(lost), _LINGER)
             await wire.linger(_LINGER)
-        _close_socket(client)
+        mqttloop.close_socket(client)
 
     async def _stop_misc(self) -> None:
         if self._misc is not None:
@@ -1075,20 +1042,7 @@ def _puback(client: mqtt.Client, mids: list[int]) -> None:
 def _abandon(connecting: asyncio.Future[None], client: mqtt.Client) -> None:
     if not connecting.cancelled():
         connecting.exception()  # retrieved: a failed connect nobody waits for any more is fine
-    _close_socket(client)
-
-
-def _close_socket(client: mqtt.Client) -> None:
-    sock = client.socket()
-    if sock is None:
-        return
-    # RuntimeError: no running loop, so never registered; ValueError: closed already.
-    with contextlib.suppress(RuntimeError, ValueError):
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(sock)
-        loop.remove_writer(sock)
-    with contextlib.suppress(OSError):
-        sock.close()
+    mqttloop.close_socket(client)
 
 
 def _file_error(exc: BaseException) -> str:
