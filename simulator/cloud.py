@@ -70,6 +70,15 @@ SERIES_MAX_POINTS = 5000  # most buckets of readings in a series
 SERIES_SPAN = 300.0  # seconds of event time a series covers when `since` is not given
 SERIES_ALERTS = 200
 
+# Every index of events costs each stored event its upkeep, and readings are nearly all of
+# them, so each index is what a query needs and no more. A sensor's readings are looked up by
+# time (a series); the other kinds, few, by sensor, kind and time (a series) and by kind and
+# time (alerts and gaps in the summary). The indexes are partial, and a query meant to use
+# one of the others says `kind != 'reading'` (SQLite does not infer it from `kind = 'gap'`).
+# Events by arrival (the summary's `recent` and lag) are found through `deliveries`, one row
+# per batch, rather than an index of every event. Measured on 1,000-reading batches, this
+# stores a reading for some 12 % (0.5 µs) less than the indexes of every event on received_at,
+# (kind, time) and (sensor, kind, time) did. `_upgrade` brings an earlier database to this.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id          TEXT PRIMARY KEY,
@@ -87,9 +96,10 @@ CREATE TABLE IF NOT EXISTS events (
     data        TEXT,
     raw         TEXT
 );
-CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
-CREATE INDEX IF NOT EXISTS events_kind_time ON events (kind, time);
-CREATE INDEX IF NOT EXISTS events_sensor_kind_time ON events (sensor, kind, time);
+CREATE INDEX IF NOT EXISTS events_reading_time ON events (sensor, time) WHERE kind = 'reading';
+CREATE INDEX IF NOT EXISTS events_other_sensor_kind_time ON events (sensor, kind, time)
+    WHERE kind != 'reading';
+CREATE INDEX IF NOT EXISTS events_other_kind_time ON events (kind, time) WHERE kind != 'reading';
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS streams (stream TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sensors (
@@ -110,9 +120,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
     events      INTEGER NOT NULL,
     accepted    INTEGER NOT NULL,
     duplicates  INTEGER NOT NULL,
-    lag         REAL NOT NULL
+    lag         REAL NOT NULL,
+    newest_recv REAL
 );
+CREATE INDEX IF NOT EXISTS deliveries_received_at ON deliveries (received_at);
 """
+#: What an earlier version had and `_upgrade` drops.
+_OLD_INDEXES = ("events_received_at", "events_kind_time", "events_sensor_kind_time")
 
 
 class BatchError(ValueError):
@@ -213,8 +227,9 @@ class ReadingBatch:
     """A validated ingest body of plain readings only: the bulk of what an agent sends.
 
     Kept as columns, one sequence per field in body order, rather than one `IngestEvent` per
-    reading: parsing and storing it then loop in C (a regular expression, `map`, `zip`), not in
-    Python code per reading. Storing it leaves the database as storing `as_batch()` would.
+    reading: parsing and storing it then loop in C (a regular expression's `split`, slices,
+    `map`), not in Python code per reading. Storing it leaves the database as storing
+    `as_batch()` would.
     """
 
     log_id: str
@@ -272,19 +287,26 @@ def parse_body(payload: bytes) -> Batch:
 # most 16 integer digits and a positive exponent of at most 2 is finite, `float` of its text
 # being what `_parse_event` stores (json gives an int for an integer text, which it turns
 # into that same float). Anything else, and any doubt, is left to json and `parse_batch`.
-_STR = r'[^"\\\x00-\x1f]*'
-_NUM = r"-?(?:0|[1-9][0-9]{0,15})(?:\.[0-9]+)?(?:[eE](?:-[0-9]+|\+?[0-9]{1,2}))?"
+# The quantifiers are possessive (`*+`, `?+`, `(?>...)`): what follows a string or a number
+# can never be what it would give back, so backtracking into one never makes a match, and not
+# keeping the states to do it makes the expression about a sixth cheaper.
+_STR = r'[^"\\\x00-\x1f]*+'
+_NUM = r"-?+(?>0|[1-9][0-9]{0,15}+)(?>\.[0-9]++)?+(?>[eE](?>-[0-9]++|\+?+[0-9]{1,2}+))?+"
 _HEAD = re.compile(rf'\{{"log_id":"({_STR})","agent":"({_STR})","sent_at":{_NUM},"events":\[')
 # One reading and the comma after it (none after the last); or else `junk`, up to the next
 # brace: every character of the events array is in some match, so a body that is not all
 # plain readings always shows junk. The back reference makes the id `<log_id>:readings:<seq>`.
-# A seq of at most 18 digits fits SQLite's integer.
+# A seq of at most 18 digits fits SQLite's integer. The groups, in order: id, seq, time,
+# recv_time, sensor, value, unit (None when there is none), junk.
 _READING = (
-    r':readings:(?P<seq>0|[1-9][0-9]{0,17}))","stream":"readings",'
+    r':readings:(?P<seq>0|[1-9][0-9]{0,17}+))","stream":"readings",'
     rf'"seq":(?P=seq),"kind":"reading","time":({_NUM}),"recv_time":({_NUM}),'
-    rf'"sensor":"({_STR})","value":({_NUM})(?:(,)"unit":"({_STR})")?\}}(?:,(?!\Z)|\Z)'
-    r"|(?P<junk>[\s\S][^{]*)"
+    rf'"sensor":"({_STR})","value":({_NUM})(?:,"unit":"({_STR})")?+\}}(?:,(?!\Z)|\Z)'
+    r"|(?P<junk>[\s\S][^{]*+)"
 )
+#: What `split` gives per match: the 8 groups of `_READING`, then the text up to the next
+#: match (none: junk takes any character the reading does not).
+_STRIDE = 9
 #: `_READING` after the log id, compiled for each log id seen lately (an agent keeps its own).
 _readings_of: dict[str, re.Pattern[str]] = {}
 
@@ -315,31 +337,55 @@ def _plain_readings(payload: bytes) -> ReadingBatch | None:
         return None
     log_id, agent = head.groups()
     readings = _reading_pattern(log_id)
-    start, end = head.end(), len(text) - 2
-    first = readings.match(text, start, end)
+    events = text[head.end() : -2]
+    first = readings.match(events)
     if first is None or first["junk"] is not None:  # the common odd body fails here, cheaply
         return None
-    columns = zip(*readings.findall(text, start, end), strict=True)
-    ids, seqs, times, recv_times, sensors, values, marks, units, junk = columns
-    if any(junk):
+    # `split` puts the groups of every match in one flat list, [text before the first match,
+    # id, seq, ..., junk, text up to the next match, id, ...], so that each column is a slice
+    # of it. `findall` would make a tuple per reading, and collecting those garbage tuples
+    # cost the endpoint more than the parse itself.
+    parts = readings.split(events)
+    if any(parts[8::_STRIDE]):
         return None
-    n = len(ids)
-    with_unit = marks.count(",")
-    if with_unit == 0:
-        units = (None,) * n
-    elif with_unit != n:
-        units = tuple(u if mark else None for mark, u in zip(marks, units, strict=True))
     return ReadingBatch(
         log_id,
         agent,
-        ids,
-        list(map(int, seqs)),
-        sensors,
-        list(map(float, values)),
-        units,
-        list(map(float, times)),
-        list(map(float, recv_times)),
+        ids=parts[1::_STRIDE],
+        seqs=list(map(int, parts[2::_STRIDE])),
+        sensors=parts[5::_STRIDE],
+        values=list(map(float, parts[6::_STRIDE])),
+        units=parts[7::_STRIDE],
+        times=_floats(parts[3::_STRIDE]),
+        recv_times=_floats(parts[4::_STRIDE]),
     )
+
+
+def _floats(texts: list[str]) -> list[float]:
+    """`float` of each text, a text that comes again converted once.
+
+    For times: the readings of an input batch share their receive time, those of a message
+    often their time too, and a time's text has 16 or 17 digits, which `float` converts by
+    its slow, exact path (some 0.3 µs, against a few hundredths for a look-up). When most
+    texts differ, the look-up is skipped.
+    """
+    distinct = set(texts)
+    if 2 * len(distinct) > len(texts):
+        return list(map(float, texts))
+    value_of = {text: float(text) for text in distinct}
+    return list(map(value_of.__getitem__, texts))
+
+
+def _parsed(body: Batch | bytes) -> Batch:
+    """`parse_body` of a body's bytes (whose every error becomes a `BatchError`), or a batch."""
+    if not isinstance(body, bytes):
+        return body
+    try:
+        return parse_body(body)
+    except BatchError:
+        raise
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise BatchError(f"body is not JSON: {e}") from e
 
 
 def parse_message(payload: bytes) -> Batch:
@@ -364,10 +410,13 @@ def parse_message(payload: bytes) -> Batch:
 
 #: `--sync` levels: SQLite's `synchronous` pragma for the endpoint's database.
 SYNC_LEVELS = ("full", "normal", "off")
+#: Bytes per database page of a new file (SQLite's default is 4096).
+_PAGE_SIZE = 16384
 
 
 def connect(db_path: str | Path, *, create: bool = False, sync: str = "full") -> sqlite3.Connection:
-    """A connection to the endpoint's database, in WAL mode; `create` makes the schema.
+    """A connection to the endpoint's database, in WAL mode; `create` makes the schema. A
+    database an earlier version made is brought up to date first (see `_upgrade`).
 
     `sync`: `full` (the default) fsyncs every commit, so a 200 means the batch survives a power
     cut; `normal` fsyncs only at WAL checkpoints (a crash of this process loses nothing, a power
@@ -378,13 +427,67 @@ def connect(db_path: str | Path, *, create: bool = False, sync: str = "full") ->
         raise ValueError(f"sync must be one of {', '.join(SYNC_LEVELS)}, not {sync!r}")
     if create:
         conn = sqlite3.connect(db_path, isolation_level=None)
+        # For a new file only (WAL fixes it). A batch of 1,000 readings writes some 200 KiB of
+        # rows and index entries: in 16 KiB pages rather than 4 KiB, SQLite splits, writes to
+        # the WAL and checkpoints a quarter as many pages, and stores a reading for ~6 % less.
+        conn.execute(f"PRAGMA page_size={_PAGE_SIZE}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.executescript(_SCHEMA)
     else:
         conn = sqlite3.connect(f"file:{Path(db_path)}?mode=rw", uri=True, isolation_level=None)
     conn.execute(f"PRAGMA synchronous={sync.upper()}")
     conn.execute("PRAGMA busy_timeout=5000")
+    try:
+        _upgrade(conn)
+    except BaseException:
+        conn.close()
+        raise
     return conn
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a database an earlier version made (or wrote to) up to `_SCHEMA`.
+
+    An earlier version indexed every event on `received_at`, (kind, time) and (sensor, kind,
+    time), and had no `deliveries.newest_recv`: the column is filled from the events while the
+    index of `received_at` is there to find them, and then those indexes go (`_SCHEMA` made
+    their partial successors, which takes a scan of the events, once).
+    """
+    if not _old_indexes(conn) and "newest_recv" in _columns(conn, "deliveries"):
+        return
+    conn.executescript(_SCHEMA)  # what is missing, if a reader's connection comes first
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        old = _old_indexes(conn)  # again, now alone: another connection may have done it
+        if "newest_recv" not in _columns(conn, "deliveries"):
+            conn.execute("ALTER TABLE deliveries ADD COLUMN newest_recv REAL")
+        if "events_received_at" in old:
+            conn.execute(
+                "UPDATE deliveries SET newest_recv = (SELECT max(recv_time) FROM events"
+                " WHERE events.received_at = deliveries.received_at)"
+                " WHERE accepted > 0 AND newest_recv IS NULL"
+            )
+        for name in old:
+            conn.execute(f"DROP INDEX {name}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _old_indexes(conn: sqlite3.Connection) -> set[str]:
+    marks = ",".join("?" * len(_OLD_INDEXES))
+    return {
+        name
+        for (name,) in conn.execute(
+            f"SELECT name FROM sqlite_master WHERE type = 'index' AND name IN ({marks})",
+            _OLD_INDEXES,
+        )
+    }
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 def _bump(conn: sqlite3.Connection, name: str, by: int = 1) -> None:
@@ -458,7 +561,10 @@ def store_batch(
             streams[ev.stream] = streams.get(ev.stream, 0) + 1
         _update_sensors(conn, new)
         newest_recv = max((ev.recv_time for ev in batch.events), default=0.0)
-        _tally(conn, streams, len(batch.events), accepted, received_at, source, newest_recv)
+        newest_new = max((ev.recv_time for ev in new), default=None)
+        _tally(
+            conn, streams, len(batch.events), accepted, received_at, source, newest_recv, newest_new
+        )
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -474,10 +580,12 @@ def _tally(
     received_at: float,
     source: str,
     newest_recv: float,
+    newest_new: float | None,
 ) -> None:
     """A stored batch's counters: the events accepted per stream, the duplicates, the batch,
     and (for a non-empty batch) its `deliveries` row, whose lag is `received_at` minus the
-    newest `recv_time` in it."""
+    newest `recv_time` in it (`newest_recv`), and whose `newest_recv` is the newest `recv_time`
+    of the events accepted (`newest_new`; None when there are none)."""
     conn.executemany(
         "INSERT INTO streams (stream, count) VALUES (?, ?) "
         "ON CONFLICT (stream) DO UPDATE SET count = count + excluded.count",
@@ -489,9 +597,18 @@ def _tally(
     _bump(conn, "batches")
     if events:
         conn.execute(
-            "INSERT INTO deliveries (received_at, source, events, accepted, duplicates, lag)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (received_at, source, events, accepted, duplicates, received_at - newest_recv),
+            "INSERT INTO deliveries"
+            " (received_at, source, events, accepted, duplicates, lag, newest_recv)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                received_at,
+                source,
+                events,
+                accepted,
+                duplicates,
+                received_at - newest_recv,
+                newest_new,
+            ),
         )
 
 
@@ -542,20 +659,41 @@ def _write_sensors(
     newest: Mapping[str, tuple[float, float | None, str | None]],
 ) -> None:
     """Add `counts` to the sensors' reading counts, and make `newest` (time, value, unit: a
-    sensor's newest new reading) its last reading unless a newer one is stored already."""
-    conn.executemany("INSERT OR IGNORE INTO sensors (sensor) VALUES (?)", ((s,) for s in counts))
-    # Backlogs arrive late and out of order: "last" means the newest event time.
-    conn.executemany(
-        "UPDATE sensors SET count = count + :n,"
-        " unit = CASE WHEN coalesce(last_time, :t) <= :t THEN :unit ELSE unit END,"
-        " last_value = CASE WHEN coalesce(last_time, :t) <= :t THEN :value ELSE last_value END,"
-        " last_time = max(coalesce(last_time, :t), :t)"
-        " WHERE sensor = :sensor",
-        (
-            {"n": counts[s], "t": t, "unit": unit, "value": value, "sensor": s}
-            for s, (t, value, unit) in newest.items()
-        ),
-    )
+    sensor's newest new reading) its last reading unless a newer one is stored already.
+    A sensor new to the table is added in the order of `counts`."""
+    if len(newest) < len(counts):  # a sensor with aggregates only, and no reading to write
+        conn.executemany(
+            "INSERT OR IGNORE INTO sensors (sensor) VALUES (?)", ((s,) for s in counts)
+        )
+    rows = [(s, counts[s], *newest[s]) for s in counts if s in newest]
+    at = 0
+    for size in _insert_sizes(len(rows)):
+        values = list(chain.from_iterable(rows[at : at + size]))
+        conn.execute(_sensors_upsert(size), values)
+        at += size
+
+
+_sensors_upserts: dict[int, str] = {}
+
+
+def _sensors_upsert(n: int) -> str:
+    """The statement writing `n` sensors' new readings (each as sensor, count, time, value,
+    unit): one statement for a batch's sensors, rather than an INSERT and an UPDATE for each."""
+    sql = _sensors_upserts.get(n)
+    if sql is None:
+        # A new sensor's row is what INSERT OR IGNORE and then the UPDATE below would leave.
+        # Backlogs arrive late and out of order: "last" means the newest event time.
+        sql = _sensors_upserts[n] = (
+            "INSERT INTO sensors (sensor, count, last_time, last_value, unit)"
+            f" VALUES {','.join(['(?,?,?,?,?)'] * n)}"
+            " ON CONFLICT (sensor) DO UPDATE SET count = count + excluded.count,"
+            " unit = CASE WHEN coalesce(last_time, excluded.last_time) <= excluded.last_time"
+            " THEN excluded.unit ELSE unit END,"
+            " last_value = CASE WHEN coalesce(last_time, excluded.last_time) <= excluded.last_time"
+            " THEN excluded.last_value ELSE last_value END,"
+            " last_time = max(coalesce(last_time, excluded.last_time), excluded.last_time)"
+        )
+    return sql
 
 
 # Rows per multi-row INSERT of readings: 128 rows of 7 values and 3 shared ones stay under 999,
@@ -632,12 +770,17 @@ def _store_readings(
         ).fetchone()
         inserted = 0
         if not known:
-            head = (batch.log_id, batch.agent, received_at)
+            # The rows' values one after the other in one list, put there column by column by
+            # slice assignment: no tuple per row for the garbage collector to look at.
+            values: list[object] = [None] * (len(columns) * n)
+            for i, column in enumerate(columns):
+                values[i :: len(columns)] = column
+            head: list[object] = [batch.log_id, batch.agent, received_at]
             at = 0
             for size in _insert_sizes(n):
                 end = at + size
-                rows = chain.from_iterable(zip(*(c[at:end] for c in columns), strict=True))
-                inserted += conn.execute(_reading_insert(size), (*head, *rows)).rowcount
+                rows = values[at * len(columns) : end * len(columns)]
+                inserted += conn.execute(_reading_insert(size), head + rows).rowcount
                 at = end
         if inserted != n:
             conn.execute("ROLLBACK")
@@ -657,7 +800,8 @@ def _store_readings(
             Counter(sensors),
             {s: (times[i], batch.values[i], batch.units[i]) for s, i in newest.items()},
         )
-        _tally(conn, {"readings": n}, n, n, received_at, source, max(batch.recv_times))
+        newest_recv = max(batch.recv_times)
+        _tally(conn, {"readings": n}, n, n, received_at, source, newest_recv, newest_recv)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -687,14 +831,20 @@ def summarize(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     the last 120 non-empty batches, oldest first, as `[received_at, lag, events, duplicates]`.
     """
     streams = {s: int(c) for s, c in conn.execute("SELECT stream, count FROM streams ORDER BY 1")}
+    # By the batches' `deliveries` rows: the events a batch stored are its `accepted`, all
+    # received at its `received_at`, the newest `recv_time` among them its `newest_recv`.
     (recent,) = conn.execute(
-        "SELECT count(*) FROM events WHERE received_at >= ?", (now - RECENT_WINDOW,)
+        "SELECT coalesce(sum(accepted), 0) FROM deliveries WHERE received_at >= ?",
+        (now - RECENT_WINDOW,),
     ).fetchone()
-    (last_received,) = conn.execute("SELECT max(received_at) FROM events").fetchone()
-    lag = None
-    if last_received is not None:
+    last = conn.execute(
+        "SELECT received_at FROM deliveries WHERE accepted > 0 ORDER BY received_at DESC LIMIT 1"
+    ).fetchone()
+    last_received = lag = None
+    if last is not None:
+        (last_received,) = last
         (newest_recv,) = conn.execute(
-            "SELECT max(recv_time) FROM events WHERE received_at = ?", (last_received,)
+            "SELECT max(newest_recv) FROM deliveries WHERE received_at = ?", (last_received,)
         ).fetchone()
         lag = now - newest_recv
     sensors: dict[str, Any] = {}
@@ -732,7 +882,8 @@ def summarize(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
         }
         for r in conn.execute(
             "SELECT id, kind, sensor, value, unit, time, recv_time, received_at, data"
-            " FROM events WHERE kind IN (?, ?) ORDER BY time DESC, seq DESC LIMIT ?",
+            " FROM events WHERE kind IN (?, ?) AND kind != 'reading'"
+            " ORDER BY time DESC, seq DESC LIMIT ?",
             (*ALERT_KINDS, SUMMARY_ALERTS),
         )
     ]
@@ -763,11 +914,12 @@ def summarize(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
 def _gaps(conn: sqlite3.Connection) -> dict[str, Any]:
     (events, readings) = conn.execute(
         "SELECT count(*), coalesce(sum(json_extract(data, '$.count')), 0)"
-        " FROM events WHERE kind = 'gap'"
+        " FROM events WHERE kind = 'gap' AND kind != 'reading'"
     ).fetchone()
     recent = []
     for event_id, t, text in conn.execute(
-        "SELECT id, time, data FROM events WHERE kind = 'gap' ORDER BY time DESC, seq DESC LIMIT ?",
+        "SELECT id, time, data FROM events WHERE kind = 'gap' AND kind != 'reading'"
+        " ORDER BY time DESC, seq DESC LIMIT ?",
         (SUMMARY_GAPS,),
     ):
         data = _loads(text)
@@ -834,7 +986,8 @@ def sensor_series(
     for t, value, text in reversed(
         conn.execute(
             "SELECT time, value, data FROM events WHERE sensor = ? AND kind = 'aggregate'"
-            " AND time >= ? AND time <= ? AND value IS NOT NULL ORDER BY time DESC LIMIT ?",
+            " AND kind != 'reading' AND time >= ? AND time <= ? AND value IS NOT NULL"
+            " ORDER BY time DESC LIMIT ?",
             (sensor, since, until, points),
         ).fetchall()
     ):
@@ -853,7 +1006,8 @@ def sensor_series(
     for event_id, kind, t, value, text in reversed(
         conn.execute(
             "SELECT id, kind, time, value, data FROM events WHERE sensor = ? AND kind IN (?, ?)"
-            " AND time >= ? AND time <= ? ORDER BY time DESC, seq DESC LIMIT ?",
+            " AND kind != 'reading' AND time >= ? AND time <= ? ORDER BY time DESC, seq DESC"
+            " LIMIT ?",
             (sensor, *ALERT_KINDS, since, until, SERIES_ALERTS),
         ).fetchall()
     ):
@@ -1277,8 +1431,9 @@ class CloudServer:
 
     `sync` is how durable a 200 is (see `connect`): `full` unless a benchmark says otherwise.
     All database work runs on one dedicated thread, so a commit's fsync never stalls the
-    event loop and the connection is never shared between threads. HTTP bodies and MQTT
-    messages are stored through the same `ingest`.
+    event loop and the connection is never shared between threads; an HTTP body is parsed
+    there too (see `ingest`). HTTP bodies and MQTT messages are stored through the same
+    `ingest`.
     """
 
     def __init__(
@@ -1448,11 +1603,24 @@ class CloudServer:
             if value is not None and name != "down_for":
                 setattr(f, name, float(value))
 
-    async def ingest(self, batch: Batch, source: str = "http") -> tuple[int, int]:
-        """Store a validated batch, committed on return; (accepted, duplicates)."""
+    async def ingest(self, batch: Batch | bytes, source: str = "http") -> tuple[int, int]:
+        """Store a validated batch, committed on return; (accepted, duplicates).
+
+        The bytes of a body are parsed first (`parse_body`), and one that is not a batch
+        raises `BatchError` with the reason for the 400. The parse runs on the database thread,
+        just before the store, not on the event loop: a parse holds the GIL for milliseconds
+        (one regular expression over the body), and a thread waiting for the GIL gets it only
+        when the holder blocks or after the 5 ms switch interval. The database thread waits
+        for it after every SQLite statement, so a parse on the loop for a request in flight
+        beside the one being stored stalls that store; on the database thread parses and
+        stores alternate, and the loop, which only reads requests and answers them, keeps up
+        with it. Measured with 3 requests of 1,000 readings in flight (both ways in turn, on
+        one machine): 92k readings/s at 11.5 µs of CPU each, against 82k/s at 12.4 µs with the
+        parse on the loop (and 86k/s at 12.7 µs with that and a switch interval of 0.5 ms).
+        """
         conn = self._require_conn()
         received_at = self.clock()
-        return await self._db(lambda: store(conn, batch, received_at, source))
+        return await self._db(lambda: store(conn, _parsed(batch), received_at, source))
 
     async def summary(self) -> dict[str, Any]:
         """The snapshot served at `GET /api/summary`."""
@@ -1518,12 +1686,9 @@ class CloudServer:
         except Exception as e:
             return _error(400, f"cannot read the body: {e}")
         try:
-            batch = parse_body(body)
+            accepted, duplicates = await self.ingest(body)
         except BatchError as e:
             return _error(400, str(e))
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-            return _error(400, f"body is not JSON: {e}")
-        accepted, duplicates = await self.ingest(batch)
         if self._draw(f.drop_rate):
             self.injected.drop += 1
             if request.transport is not None:
