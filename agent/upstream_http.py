@@ -9,7 +9,10 @@ own (opened only when the others are busy, so a trickle keeps to one). They may 
 any order; a stream's cursor moves past a batch only once it and every batch sent before it
 were answered (`AckWindow`). Several requests in flight are what a link with a long round trip
 needs (one at a time caps the rate at `batch_size` per round trip) and what lets encoding,
-compression and the receiver's work overlap.
+compression and the receiver's work overlap. The receiver may so store a batch before the one
+sent just ahead of it (the backlog drains oldest first, give or take the requests in flight),
+but never an alert after what was sent behind it: while alerts are in flight nothing else is
+sent, so the alerts raised during an outage all arrive before the backlog does.
 
 Answers: 2xx acknowledges the batch. 5xx, the `retry_status` codes (401, 403, 408 and 429 by
 default: an expired token or a throttle is not the batch's fault), a timeout and a dropped
@@ -114,6 +117,7 @@ class HttpUpstream:
         # What each acknowledged request left to settle, by (stream, last seq) of its batch.
         self._outcomes: dict[tuple[Stream, int], _Outcome] = {}
         self._failure: BaseException | None = None
+        self._alerts_inflight = 0
 
     @property
     def name(self) -> str:
@@ -169,7 +173,7 @@ class HttpUpstream:
                     await self.feed.take_replay(force=True)
                     replay_waiting = False
                 continue
-            if window.full:
+            if window.full or self._alerts_inflight:
                 await self._wait(stop)
                 continue
             batch = await self.feed.next(stop, linger=self._backoff.failures == 0, wake=self._wake)
@@ -188,6 +192,8 @@ class HttpUpstream:
         ticket = self._window.add(
             batch.stream, batch.last_seq, first=batch.first_seq, events=len(batch.events)
         )
+        if batch.stream is Stream.ALERTS:
+            self._alerts_inflight += 1
         task = asyncio.create_task(self._request(client, event_log, batch))
         self._requests.add(task)
         task.add_done_callback(partial(self._answered, ticket, client, batch))
@@ -201,6 +207,8 @@ class HttpUpstream:
         self._requests.discard(task)
         self._idle.append(client)
         self._wake.set()
+        if batch.stream is Stream.ALERTS:
+            self._alerts_inflight -= 1
         if task.cancelled():
             return
         exc = task.exception()

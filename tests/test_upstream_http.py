@@ -439,6 +439,45 @@ async def test_requests_overlap_up_to_max_inflight_and_cursors_wait_for_the_olde
     assert up.status.sent == 100 and up.status.failures == 0
 
 
+async def test_nothing_goes_while_alerts_are_in_flight(tmp_path: Path) -> None:
+    """Requests may be answered in any order, so an alert could be stored after readings sent
+    behind it: while an alert's request is unanswered, no other goes."""
+    release = asyncio.Event()
+    arrived: list[str] = []
+
+    async def ingest(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        stream = body["events"][0]["stream"]
+        arrived.append(stream)
+        if stream == "alerts":
+            await release.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/ingest", ingest)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+            await fill(log, 100)
+            await alert(log, "t", "critical")
+            up = upstream(f"http://127.0.0.1:{port}/ingest", batch_size=10, max_inflight=4)
+            async with Running(log, up):
+                await eventually(lambda: arrived == ["alerts"], what="the alert first")
+                # Nothing to await for an absence: watch a moment for a reading's request.
+                await asyncio.sleep(0.2)
+                assert arrived == ["alerts"] and up.status.inflight == 1
+                release.set()
+                await eventually(caught_up(log, up), what="delivery")
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert arrived == ["alerts"] + ["readings"] * 10
+    assert up.status.max_inflight > 1, "the readings did go several at once"
+
+
 async def test_a_failure_amid_requests_in_flight_resends_from_the_oldest_unanswered(
     tmp_path: Path,
 ) -> None:
