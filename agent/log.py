@@ -64,6 +64,8 @@ CACHE_KIB = 512
 #: A commit can be larger (up to `max_batch`): its events are all kept until the next one, so
 #: a consumer that was at the head still finds the whole commit here during a burst.
 RECENT = 2048
+#: Readings this close to the head are read on the event loop's own thread (see `read`).
+HOT = 250_000
 
 _STREAMS = tuple(Stream)  # iterating the enum class itself runs a Python generator each time
 
@@ -431,6 +433,7 @@ class EventLog:
         self._recent: dict[Stream, deque[Event]] = {s: deque() for s in Stream}
         self._writer_db: aiosqlite.Connection | None = None
         self._reader_db: aiosqlite.Connection | None = None
+        self._hot_db: sqlite3.Connection | None = None
         self._pending: deque[_Submission] = deque()
         self._pending_size = 0
         self._wake = asyncio.Event()
@@ -563,6 +566,9 @@ class EventLog:
             await self._writer_db.close()
         if self._reader_db is not None:
             await self._reader_db.close()
+        if self._hot_db is not None:
+            self._hot_db.close()
+            self._hot_db = None
 
     # ------------------------------------------------------------------ writing
 
@@ -837,6 +843,23 @@ class EventLog:
         """The seq of the newest committed event of `stream` (0 when it never had one)."""
         return self._heads[stream]
 
+    def _hot(self) -> sqlite3.Connection:
+        """A connection of the event loop's thread for readings just past the memory cache.
+
+        Through the database thread, every row is a hand-over of the GIL: the sqlite3 module
+        lets it go for each step and takes it back to build the row, and with the event loop
+        busy (a burst) each take waits for a switch. An upstream that fell just behind the
+        cache then read a few thousand rows a second and fell further behind, for as long as
+        the burst lasted. Rows this recent are in the page cache: reading them here costs the
+        loop about a microsecond each, and nothing waits. Older ones (a backlog after an
+        outage, maybe on an SD card) still go through the thread, which never blocks the loop.
+        """
+        if self._hot_db is None:
+            self._hot_db = sqlite3.connect(self.path, isolation_level=None)
+            self._hot_db.execute("PRAGMA query_only=1")
+            self._hot_db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        return self._hot_db
+
     def tail(self, stream: Stream) -> int:
         """The seq of the oldest event still kept (head + 1 when the stream is empty)."""
         return self._tails[stream]
@@ -855,9 +878,11 @@ class EventLog:
             if events and events[0].seq == after + 1:  # contiguous, as it always should be
                 return events
         if stream is Stream.READINGS:
+            if upto - after <= HOT:
+                hot = self._hot().execute(_SELECT_READINGS, (after, upto, limit)).fetchall()
+                return list(starmap(_READING_EVENT, hot))
             async with db.execute(_SELECT_READINGS, (after, upto, limit)) as cur:
-                rows = await cur.fetchall()
-            return list(starmap(_READING_EVENT, rows))
+                return list(starmap(_READING_EVENT, await cur.fetchall()))
         async with db.execute(
             _SELECT + " WHERE stream=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
             (STREAM_CODES[stream], after, upto, limit),

@@ -10,11 +10,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import agent.log
 from agent.config import LogConfig
 from agent.events import Event, NewEvent, Reading, Rejected, Stream
 from agent.log import _SCHEMA, RECENT, CursorUpdate, EventLog
@@ -380,7 +382,9 @@ def test_readings_read_back_from_disk_as_committed(submissions: list[list[Any]])
             head = log.head(Stream.READINGS)
             cached = await log.read(Stream.READINGS, 0, limit=10_000)
             log._recent[Stream.READINGS].clear()
-            stored = await log.read(Stream.READINGS, 0, limit=10_000)
+            stored = await log.read(Stream.READINGS, 0, limit=10_000)  # on the loop's thread
+            with mock.patch.object(agent.log, "HOT", -1):  # all of it through the thread
+                through_thread = await log.read(Stream.READINGS, 0, limit=10_000)
         readings = [r for items in submissions for r in items if isinstance(r, Reading)]
         expected = [
             (i, "reading", r.event_time, r.recv_time, r.mono, r.sensor, r.value, r.unit)
@@ -388,6 +392,7 @@ def test_readings_read_back_from_disk_as_committed(submissions: list[list[Any]])
         ]
         assert head == len(readings)
         assert fields(stored) == expected
+        assert fields(through_thread) == expected
         assert fields(cached) == expected
 
     with tempfile.TemporaryDirectory() as tmp:
