@@ -14,6 +14,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from simulator import verify
 from simulator.cloud import (
     RECENT_WINDOW,
     CloudStore,
@@ -250,7 +251,8 @@ def test_a_series_reads_what_the_earlier_index_read_in_the_same_order(
 
 
 def test_the_summary_and_a_series_never_scan_the_events(tmp_path: Path) -> None:
-    """The live page polls both: each of their queries finds events through an index."""
+    """The live page polls both, and `edge-sim verify` reads the gaps: each of their queries
+    finds events through an index."""
     db = connect(tmp_path / "cloud.db", create=True, sync="off")
     try:
         store(db, parse_body(body([reading(s, "s1", T0 + s, 1.0, "C") for s in range(1, 9)])), T0)
@@ -261,9 +263,11 @@ def test_the_summary_and_a_series_never_scan_the_events(tmp_path: Path) -> None:
         db.set_trace_callback(queries.append)
         summarize(db, T0 + 5)
         assert sensor_series(db, "s1") is not None
+        assert verify._gaps(db) == []  # `edge-sim verify` reads the gaps the same way
         db.set_trace_callback(None)
         on_events = [q for q in queries if " events " in q + " "]
-        assert len(on_events) >= 6  # alerts, gaps (2); readings, aggregates, alerts of a series
+        assert len(on_events) >= 7  # alerts, gaps (2); readings, aggregates, alerts of a
+        # series; verify's gaps
         for sql in on_events:
             plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql)]
             assert "SCAN events" not in plan, (sql, plan)
