@@ -361,7 +361,7 @@ def _submission(draw: st.DrawFn) -> list[Reading | Rejected]:
     return draw(st.lists(_items(), min_size=n, max_size=n))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.lists(_submission(), min_size=1, max_size=4))
 def test_readings_read_back_from_disk_as_committed(submissions: list[list[Any]]) -> None:
     """Readings go in by multi-row statements of several sizes, with and without a unit

@@ -264,7 +264,7 @@ def test_a_batch_of_messages_is_exactly_the_general_paths(data: st.DataObject) -
 @pytest.mark.parametrize(
     "name", ["default", "renamed", "no-unit-one-time", "no-time", "value-is-time"]
 )
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_list_decoded_at_once_is_what_each_object_gives(name: str, data: st.DataObject) -> None:
     """`PlainMapping.readings` (column by column) gives exactly the readings of

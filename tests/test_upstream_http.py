@@ -707,7 +707,7 @@ def test_the_fast_encoder_writes_what_json_dumps_writes(
 _few_floats = st.sampled_from([0.0, -0.0, 1.5, 1764212345.123456, float("inf")])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     st.lists(
         st.tuples(
