@@ -292,6 +292,35 @@ def test_a_list_decoded_at_once_is_what_each_object_gives(name: str, data: st.Da
     event("at once" if at_once is not None else "one by one")
 
 
+@pytest.mark.parametrize(
+    ("field", "edge"),
+    [("value", v) for v in _EDGES["value"]] + [("time", t) for t in _EDGES["time"]],
+)
+def test_an_edge_among_plain_objects_is_decided_as_one_by_one(field: str, edge: Any) -> None:
+    """Each edge value or time beside plain objects: taken at once only as each object alone
+    would take it (the column checks: integer range, finiteness, time range, types)."""
+    plain = MqttDriver(config("default"))._plain
+    assert plain is not None
+    _KNOWN_NAMES.add("temp1")
+    objs = [
+        {"sensor": "temp1", "value": 1.5, "ts": 1.75e9},
+        {
+            "sensor": "temp1",
+            "value": 2,
+            "ts": 1_750_000_000,
+            "value" if field == "value" else "ts": edge,
+        },
+        {"sensor": "temp1", "value": -3.25, "ts": 1.76e9},
+    ]
+    one_by_one = [plain.reading(o, RECV, MONO, "m") for o in objs]
+    at_once = plain.readings(objs, RECV, MONO, "m")
+    if None in one_by_one:
+        assert at_once is None
+    else:
+        assert at_once is not None
+        assert exactly(at_once) == exactly(cast(list[Reading], one_by_one))
+
+
 # --------------------------------------------------------------------------- examples
 
 
