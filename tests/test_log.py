@@ -13,7 +13,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import agent.log
@@ -361,8 +361,12 @@ def _submission(draw: st.DrawFn) -> list[Reading | Rejected]:
     return draw(st.lists(_items(), min_size=n, max_size=n))
 
 
+_PLAIN = [Reading(s, 1.5, None, 1.7e9, 1.7e9, 5.0, "test") for s in ("t1", "rh", "t1")]
+
+
 @settings(max_examples=30, deadline=None)
 @given(st.lists(_submission(), min_size=1, max_size=4))
+@example([_PLAIN, [*_PLAIN[:2], bad(), _PLAIN[2]], _PLAIN])  # readings only, then a reject
 def test_readings_read_back_from_disk_as_committed(submissions: list[list[Any]]) -> None:
     """Readings go in by multi-row statements of several sizes, with and without a unit
     column: whatever the counts, units and rejects of the submissions in one commit, SQLite

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.config import ConfigError, HttpUpstreamConfig, LogConfig, parse_config
@@ -722,6 +722,14 @@ _few_floats = st.sampled_from([0.0, -0.0, 1.5, 1764212345.123456, float("inf")])
         ),
         max_size=40,
     )
+)
+# A device time that changes while the receive time stays, then the other way round.
+@example(
+    [
+        ("readings", "reading", "t", "C", 2.5, 1.5, 1764212345.123456, None),
+        ("readings", "reading", "t", "C", 2.5, 1764212345.123456, 1764212345.123456, None),
+        ("readings", "reading", "t", "C", 2.5, 1764212345.123456, 1.5, None),
+    ]
 )
 def test_a_run_of_events_encodes_as_each_alone_would(
     rows: list[tuple[str, str, str, str | None, float, float, float, dict[str, str] | None]],
