@@ -229,20 +229,21 @@ def bare_paho(port: int, bodies: list[bytes], window: int, readings: int) -> Pha
 
 def start_endpoint(db: Path, sync: str = "full") -> tuple[subprocess.Popen[str], str]:
     """`edge-sim cloud` in its own process (its own core), on a free port."""
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "simulator.cli", "cloud", "--port", "0"),
-            *("--db", str(db), "--sync", sync),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    return _listening(
+        "edge-sim cloud",
+        sys.executable,
+        *("-m", "simulator.cli", "cloud", "--port", "0", "--db", str(db), "--sync", sync),
     )
+
+
+def _listening(what: str, *argv: str) -> tuple[subprocess.Popen[str], str]:
+    """Start `argv` and read its first line, `LISTENING <url>`: the process and the url."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().split()
     if len(line) != 2 or line[0] != "LISTENING":
         proc.kill()
-        raise RuntimeError(f"edge-sim cloud did not start: {line}")
+        raise RuntimeError(f"{what} did not start: {line}")
     return proc, line[1]
 
 
@@ -302,18 +303,7 @@ async def _serve_sink() -> None:
 
 def start_sink() -> tuple[subprocess.Popen[str], str]:
     """A null HTTP sink in its own process: reads each request whole, answers 200 at once."""
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve-sink"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().split()
-    if len(line) != 2 or line[0] != "LISTENING":
-        proc.kill()
-        raise RuntimeError(f"the null sink did not start: {line}")
-    return proc, line[1]
+    return _listening("the null sink", sys.executable, __file__, "--serve-sink")
 
 
 # --------------------------------------------------------------------------- latency

@@ -4,11 +4,12 @@ aiohttp apps for what it does not do (refusals, TLS), and a socket that never an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,26 @@ class Endpoint:
         if 200 <= status < 300:
             self.ids.update(e["id"] for e in body["events"])
         return web.json_response({"status": status}, status=status, headers=headers)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    ingest: Callable[[web.Request], Awaitable[web.Response]], release: asyncio.Event
+) -> AsyncIterator[str]:
+    """An app of the test's own answering POST /ingest with `ingest`, holding requests as the
+    test says; its url. `release` is set on the way out: a handler still held would hold the
+    cleanup for its shutdown timeout."""
+    app = web.Application()
+    app.router.add_post("/ingest", ingest)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/ingest"
+    finally:
+        release.set()
+        await runner.cleanup()
 
 
 async def hanging_server() -> tuple[asyncio.Server, str]:
@@ -409,30 +430,20 @@ async def test_requests_overlap_up_to_max_inflight_and_cursors_wait_for_the_olde
         stored.update(e["id"] for e in body["events"])
         return web.json_response({})
 
-    app = web.Application()
-    app.router.add_post("/ingest", ingest)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with EventLog.open(tmp_path / "e.db", log_cfg()) as log:
-            await fill(log, 100)
-            up = upstream(f"http://127.0.0.1:{port}/ingest", batch_size=10, max_inflight=3)
-            async with Running(log, up):
-                await eventually(lambda: len(stored) == 20, what="the 2nd and 3rd answered")
-                assert sorted(firsts) == [1, 11, 21]
-                assert log.cursor(up.consumer, Stream.READINGS) == 0
-                # Nothing to await for an absence: watch a moment for a 4th request.
-                await asyncio.sleep(0.2)
-                assert len(firsts) == 3 and up.status.inflight == 3
-                assert log.cursor(up.consumer, Stream.READINGS) == 0
-                release.set()
-                await eventually(caught_up(log, up), what="delivery")
-            log_id = log.log_id
-    finally:
-        release.set()  # a held handler would hold the cleanup for its shutdown timeout
-        await runner.cleanup()
+    async with serving(ingest, release) as url, EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 100)
+        up = upstream(url, batch_size=10, max_inflight=3)
+        async with Running(log, up):
+            await eventually(lambda: len(stored) == 20, what="the 2nd and 3rd answered")
+            assert sorted(firsts) == [1, 11, 21]
+            assert log.cursor(up.consumer, Stream.READINGS) == 0
+            # Nothing to await for an absence: watch a moment for a 4th request.
+            await asyncio.sleep(0.2)
+            assert len(firsts) == 3 and up.status.inflight == 3
+            assert log.cursor(up.consumer, Stream.READINGS) == 0
+            release.set()
+            await eventually(caught_up(log, up), what="delivery")
+        log_id = log.log_id
     assert stored == {f"{log_id}:readings:{i}" for i in range(1, 101)}
     assert sorted(firsts) == list(range(1, 101, 10)), "each batch once"
     assert most == 3 and up.status.max_inflight == 3
@@ -453,27 +464,17 @@ async def test_nothing_goes_while_alerts_are_in_flight(tmp_path: Path) -> None:
             await release.wait()
         return web.json_response({})
 
-    app = web.Application()
-    app.router.add_post("/ingest", ingest)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with EventLog.open(tmp_path / "e.db", log_cfg()) as log:
-            await fill(log, 100)
-            await alert(log, "t", "critical")
-            up = upstream(f"http://127.0.0.1:{port}/ingest", batch_size=10, max_inflight=4)
-            async with Running(log, up):
-                await eventually(lambda: arrived == ["alerts"], what="the alert first")
-                # Nothing to await for an absence: watch a moment for a reading's request.
-                await asyncio.sleep(0.2)
-                assert arrived == ["alerts"] and up.status.inflight == 1
-                release.set()
-                await eventually(caught_up(log, up), what="delivery")
-    finally:
-        release.set()
-        await runner.cleanup()
+    async with serving(ingest, release) as url, EventLog.open(tmp_path / "e.db", log_cfg()) as log:
+        await fill(log, 100)
+        await alert(log, "t", "critical")
+        up = upstream(url, batch_size=10, max_inflight=4)
+        async with Running(log, up):
+            await eventually(lambda: arrived == ["alerts"], what="the alert first")
+            # Nothing to await for an absence: watch a moment for a reading's request.
+            await asyncio.sleep(0.2)
+            assert arrived == ["alerts"] and up.status.inflight == 1
+            release.set()
+            await eventually(caught_up(log, up), what="delivery")
     assert arrived == ["alerts"] + ["readings"] * 10
     assert up.status.max_inflight > 1, "the readings did go several at once"
 
