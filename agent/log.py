@@ -855,7 +855,9 @@ class EventLog:
         outage, maybe on an SD card) still go through the thread, which never blocks the loop.
         """
         if self._hot_db is None:
-            self._hot_db = sqlite3.connect(self.path, isolation_level=None)
+            # No busy wait here, on the loop: a read that finds the file locked goes through
+            # the thread instead.
+            self._hot_db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
             self._hot_db.execute("PRAGMA query_only=1")
             self._hot_db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         return self._hot_db
@@ -879,8 +881,12 @@ class EventLog:
                 return events
         if stream is Stream.READINGS:
             if upto - after <= HOT:
-                hot = self._hot().execute(_SELECT_READINGS, (after, upto, limit)).fetchall()
-                return list(starmap(_READING_EVENT, hot))
+                try:
+                    hot = self._hot().execute(_SELECT_READINGS, (after, upto, limit)).fetchall()
+                except sqlite3.OperationalError:
+                    pass  # busy: the loop never waits for a lock; the thread below does
+                else:
+                    return list(starmap(_READING_EVENT, hot))
             async with db.execute(_SELECT_READINGS, (after, upto, limit)) as cur:
                 return list(starmap(_READING_EVENT, await cur.fetchall()))
         async with db.execute(

@@ -422,3 +422,35 @@ async def test_a_commit_larger_than_recent_stays_in_memory_until_the_next(
         for _ in range(3):
             await log.append([reading(i) for i in range(7)])
         assert [e.seq for e in recent] == list(range(head + 21 - RECENT - 6, head + 22))
+
+
+class _LockedConnection:
+    """A fake, named as such: the loop's connection finding the file locked. A real lock that
+    stops a WAL reader (recovery, an exclusive-mode writer) cannot be taken while the log
+    holds its own connections open."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        self.tries += 1
+        raise sqlite3.OperationalError("database is locked")
+
+
+async def test_a_read_the_loop_finds_locked_goes_through_the_thread(log_path: Path) -> None:
+    """Readings near the head are read on the event loop's thread, which never waits for a
+    lock: the connection there has no busy timeout, and a read it finds locked goes through
+    the database thread (which waits its turn) and gives what it would have."""
+    async with EventLog.open(log_path, FAST) as log:
+        await log.register("c", [Stream.READINGS])
+        await log.append([reading(i) for i in range(10)])
+        log._recent[Stream.READINGS].clear()  # from the file, not the memory cache
+        expected = [e.seq for e in await log.read(Stream.READINGS, 0)]
+        hot = log._hot_db
+        assert hot is not None and hot.execute("PRAGMA busy_timeout").fetchone() == (0,)
+        locked = _LockedConnection()
+        log._hot_db = locked  # type: ignore[assignment]
+        got = [e.seq for e in await log.read(Stream.READINGS, 0)]
+        log._hot_db = hot
+    assert locked.tries == 1
+    assert got == expected == list(range(1, 11))
