@@ -313,6 +313,13 @@ def _event_row(code: int, seq: int, e: NewEvent) -> tuple[Any, ...]:
 _READING_EVENT = partial(Event, Stream.READINGS.value)
 
 
+def _readings_of(sub: _Submission) -> Sequence[Reading]:
+    """The readings of a submission, its rejected input left out."""
+    if not sub.rejected:
+        return sub.readings  # type: ignore[return-value]
+    return [r for r in sub.readings if type(r) is Reading]
+
+
 def _to_event(stream: Stream, row: Sequence[Any]) -> Event:
     seq, kind, t, recv, mono, sensor, value, unit, data, raw = row
     return Event(
@@ -711,20 +718,15 @@ class EventLog:
         read_code, dead_code = STREAM_CODES[Stream.READINGS], STREAM_CODES[Stream.DEADLETTER]
         n_readings = heads[Stream.READINGS] - self._heads[Stream.READINGS]
 
-        def readings_of(sub: _Submission) -> Sequence[Reading]:
-            if not sub.rejected:
-                return sub.readings  # type: ignore[return-value]
-            return [r for r in sub.readings if type(r) is Reading]
-
         def insert_readings(conn: sqlite3.Connection) -> None:
             for sub, start in zip(batch, starts, strict=True):
-                if readings := readings_of(sub):
+                if readings := _readings_of(sub):
                     _insert_readings(conn, start[Stream.READINGS] + 1, readings)
 
         def full_rows() -> Iterator[tuple[Any, ...]]:
             for sub, start in zip(batch, starts, strict=True):
                 seq = start[Stream.READINGS]
-                for r in readings_of(sub):
+                for r in _readings_of(sub):
                     seq += 1
                     yield _full_reading_row(read_code, seq, r)
 
@@ -785,12 +787,10 @@ class EventLog:
         recents = self._recent
         before = {stream: len(recents[stream]) for stream in _STREAMS}
         readings, dead = recents[Stream.READINGS], recents[Stream.DEADLETTER]
-        read_name = Stream.READINGS.value
         for sub, start in zip(batch, starts, strict=True):
-            seq, n_dead = start[Stream.READINGS], start[Stream.DEADLETTER]
-            items = sub.readings if keep_readings else ()
-            if items and not sub.rejected:
-                # All readings (an input's batch, as a rule): their events in C loops.
+            if keep_readings and (items := _readings_of(sub)):
+                # Their events in C loops: a Python loop per reading was most of this.
+                seq = start[Stream.READINGS]
                 readings.extend(
                     map(
                         _READING_EVENT,
@@ -804,26 +804,12 @@ class EventLog:
                         map(_UNIT, items),
                     )
                 )
-                items = ()
-            for r in items:
-                if type(r) is Reading:
-                    seq += 1
-                    readings.append(
-                        Event(
-                            read_name,
-                            seq,
-                            "reading",
-                            float(r.event_time),
-                            r.recv_time,
-                            r.mono,
-                            r.sensor,
-                            float(r.value),
-                            r.unit,
-                        )
-                    )
-                else:
-                    n_dead += 1
-                    dead.append(_stored(Stream.DEADLETTER, _rejected_row(0, n_dead, r)))  # type: ignore[arg-type]
+            if keep_readings and sub.rejected:
+                n_dead = start[Stream.DEADLETTER]
+                for r in sub.readings:
+                    if type(r) is not Reading:
+                        n_dead += 1
+                        dead.append(_stored(Stream.DEADLETTER, _rejected_row(0, n_dead, r)))  # type: ignore[arg-type]
             for stream, events in sub.events.items():
                 if stream not in watched:
                     continue
