@@ -405,17 +405,17 @@ class LineDecoder:
 _get = dict.get
 _DICT: Final = {dict}
 _STR: Final = {str}
+_FLOAT: Final = {float}
 _NUMBER_TYPES: Final = {float, int}
 _UNIT_TYPES: Final = {str, type(None)}
 _NOT_NONE = functools.partial(operator.is_not, None)
-_ABSENT: Final = object()
 
 
 def _finite(column: list[Any], low: float, high: float) -> list[float] | None:
     """A column of numbers as floats, if each is a finite float or an integer within
     [low, high] (as `PlainMapping.reading` takes a value or a time); else None."""
     kinds = set(map(type, column))
-    if kinds != {float}:
+    if kinds != _FLOAT:
         if not kinds <= _NUMBER_TYPES:
             return None
         ints = [v for v in column if type(v) is int]
@@ -528,11 +528,11 @@ class PlainMapping:
                 return None
         times: Iterable[Any] = repeat(recv)
         if self.time:
-            found = list(map(_get, objs, repeat(self.time[0]), repeat(_ABSENT)))
-            if _ABSENT in found and len(self.time) > 1:
+            found = list(map(_get, objs, repeat(self.time[0]), repeat(_MISSING)))
+            if _MISSING in found and len(self.time) > 1:
                 return None  # another time key may be in those: each decides
-            if None in found or _ABSENT in found:
-                found = [recv if t is None or t is _ABSENT else t for t in found]
+            if None in found or _MISSING in found:
+                found = [recv if t is None or t is _MISSING else t for t in found]
             checked = _finite(found, _MIN_TIME, _MAX_TIME)
             if checked is None or min(checked) < _MIN_TIME or max(checked) > _MAX_TIME:
                 return None
