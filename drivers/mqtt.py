@@ -912,7 +912,7 @@ class MqttDriver:
         decode = self._decode
         assert isinstance(decode, JsonDecoder)  # what decoder_for builds for format json
         try:
-            doc = loads(raw.decode("utf-8"))
+            doc = loads(raw)
         except (ValueError, RecursionError):
             # The decoder names what is wrong: invalid_utf8, invalid_json, or a blank payload.
             found = decode(raw)
