@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.events import Event
@@ -144,7 +144,20 @@ def corrected(
     when = event.time
     if abs(when - event.recv_time) < abs(when - recv):
         when += shift
-    return replace(event, time=when, recv_time=recv)
+    # A new Event, not `replace`: a reading is an Event of a subclass with its own __init__.
+    return Event(
+        event.stream,
+        event.seq,
+        event.kind,
+        when,
+        recv,
+        event.mono,
+        event.sensor,
+        event.value,
+        event.unit,
+        event.data,
+        event.raw,
+    )
 
 
 @dataclass(slots=True)

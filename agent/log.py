@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain, islice, repeat, starmap
-from operator import attrgetter
+from operator import attrgetter, countOf
 from pathlib import Path
 from typing import Any
 
@@ -222,15 +222,10 @@ _READINGS_SQL = {unit: [(n, _readings_sql(n, unit)) for n in _SIZES] for unit in
 # leave it out: the sqlite3 module binds a None through its adapter lookup, which costs more
 # than the rest of the row's binding.
 _FIELDS = {
-    True: attrgetter("event_time", "recv_time", "mono", "sensor", "value", "unit"),
-    False: attrgetter("event_time", "recv_time", "mono", "sensor", "value"),
+    True: attrgetter("time", "recv_time", "mono", "sensor", "value", "unit"),
+    False: attrgetter("time", "recv_time", "mono", "sensor", "value"),
 }
 _UNIT = attrgetter("unit")
-_EVENT_TIME = attrgetter("event_time")
-_RECV_TIME = attrgetter("recv_time")
-_MONO = attrgetter("mono")
-_SENSOR = attrgetter("sensor")
-_VALUE = attrgetter("value")
 
 
 def _insert_readings(conn: sqlite3.Connection, first_seq: int, readings: Sequence[Reading]) -> None:
@@ -277,7 +272,7 @@ def _full_reading_row(code: int, seq: int, r: Reading) -> tuple[Any, ...]:
         code,
         seq,
         "reading",
-        r.event_time,
+        r.time,
         r.recv_time,
         r.mono,
         r.sensor,
@@ -601,7 +596,7 @@ class EventLog:
                 lambda: self._pending_size == 0 or self._pending_size + size <= self.cfg.queue_size
             )
             future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
-            rejected = sum(1 for r in readings if type(r) is not Reading)
+            rejected = len(readings) - countOf(map(type, readings), Reading)
             self._pending.append(_Submission(readings, events, cursors, size, rejected, future))
             self._pending_size += size
         self._wake.set()
@@ -788,22 +783,12 @@ class EventLog:
         before = {stream: len(recents[stream]) for stream in _STREAMS}
         readings, dead = recents[Stream.READINGS], recents[Stream.DEADLETTER]
         for sub, start in zip(batch, starts, strict=True):
-            if keep_readings and (items := _readings_of(sub)):
-                # Their events in C loops: a Python loop per reading was most of this.
-                seq = start[Stream.READINGS]
-                readings.extend(
-                    map(
-                        _READING_EVENT,
-                        range(seq + 1, seq + 1 + len(items)),
-                        repeat("reading"),
-                        map(float, map(_EVENT_TIME, items)),
-                        map(_RECV_TIME, items),
-                        map(_MONO, items),
-                        map(_SENSOR, items),
-                        map(float, map(_VALUE, items)),
-                        map(_UNIT, items),
-                    )
-                )
+            if items := _readings_of(sub):
+                # A reading is its own event once it has its seq (see `Reading`).
+                seq = start[Stream.READINGS] + 1
+                deque(map(setattr, items, repeat("seq"), range(seq, seq + len(items))), maxlen=0)
+                if keep_readings:
+                    readings.extend(items)
             if keep_readings and sub.rejected:
                 n_dead = start[Stream.DEADLETTER]
                 for r in sub.readings:

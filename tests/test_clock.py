@@ -127,7 +127,8 @@ async def test_forwarded_events_are_re_dated_after_a_step(tmp_path: Path) -> Non
         CORRECTIONS.start({s.value: log.head(s) + 1 for s in Stream}, enabled=True, tolerance=2.0)
         try:
             # Received before NTP: the Pi's clock said 1970 plus its uptime.
-            await log.append([Reading("t", 1.0, None, 100.0 + mono, 100.0 + mono, mono, "x")])
+            received = Reading("t", 1.0, None, 100.0 + mono, 100.0 + mono, mono, "x")
+            await log.append([received])
             CORRECTIONS.add(ClockStep(old_offset=100.0, new_offset=1.7e9, mono=mono + 1))
             feed = Feed(cfg, "upstream:c", UpstreamStatus())
             await feed.open(log)
@@ -138,3 +139,5 @@ async def test_forwarded_events_are_re_dated_after_a_step(tmp_path: Path) -> Non
     (event,) = batch.events
     assert event.recv_time == pytest.approx(1.7e9 + mono)
     assert event.time == pytest.approx(1.7e9 + mono)
+    # The log's event is still the reading as received: a correction makes a new event.
+    assert (received.seq, received.time, received.recv_time) == (1, 100.0 + mono, 100.0 + mono)

@@ -77,7 +77,7 @@ def exactly(found: list[Reading] | Invalid) -> Any:
     if isinstance(found, Invalid):
         return found
     return [
-        (r.sensor, _float(r.value), r.unit, _float(r.event_time), r.recv_time, r.mono, r.source)
+        (r.sensor, _float(r.value), r.unit, _float(r.time), r.recv_time, r.mono, r.source)
         for r in found
     ]
 

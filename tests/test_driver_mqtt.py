@@ -222,7 +222,7 @@ async def test_json_mapping_with_a_query_dotted_paths_and_arrays(broker: Broker)
         items = await collect(driver, 5)
     finally:
         await driver.close()
-    readings = [(r.sensor, r.value, r.unit, r.event_time) for r in items if isinstance(r, Reading)]
+    readings = [(r.sensor, r.value, r.unit, r.time) for r in items if isinstance(r, Reading)]
     assert readings[0] == ("a", 1.5, "C", 1764170000.0)
     assert [r[:3] for r in readings[1:]] == [("pi.x", 2.0, None), ("pi.y", 3.0, None)]
     rejected = [(r.reason, r.detail) for r in items if isinstance(r, Rejected)]
@@ -248,7 +248,7 @@ async def test_json_dotted_sensor_path_falls_back_to_the_topic(broker: Broker) -
         items = await collect(driver, 4)
     finally:
         await driver.close()
-    readings = [(r.sensor, r.value, r.event_time) for r in items if isinstance(r, Reading)]
+    readings = [(r.sensor, r.value, r.time) for r in items if isinstance(r, Reading)]
     assert readings[:2] == [("a", 1.0, 1764158400.0), ("pi.y", 2.0, 1764170000.0)]
     assert readings[2][:2] == ("pi.z", 5.0)  # a bare number: all but the value from the topic
     # A null sensor is a field the reading has, and a bad one: not replaced by the topic's.
@@ -318,7 +318,7 @@ async def test_kv_payloads_long_and_wide(broker: Broker) -> None:
         items = await collect(long, 4)
     finally:
         await long.close()
-    readings = [(r.sensor, r.value, r.unit, r.event_time) for r in items if isinstance(r, Reading)]
+    readings = [(r.sensor, r.value, r.unit, r.time) for r in items if isinstance(r, Reading)]
     assert readings[0] == ("a", 1.5, "C", readings[0][3])
     assert readings[1] == ("pi.x", 2.0, None, 1764170000.0)
     rejected = [(r.reason, r.detail) for r in items if isinstance(r, Rejected)]
@@ -333,9 +333,7 @@ async def test_kv_payloads_long_and_wide(broker: Broker) -> None:
         items = await collect(wide, 1)
     finally:
         await wide.close()
-    assert [(r.sensor, r.value, r.unit, r.event_time) for r in items] == [
-        ("t1", 21.5, "C", 1764170000.0)
-    ]
+    assert [(r.sensor, r.value, r.unit, r.time) for r in items] == [("t1", 21.5, "C", 1764170000.0)]
 
 
 async def test_regex_payloads_with_an_optional_sensor_group(broker: Broker) -> None:

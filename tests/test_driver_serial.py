@@ -112,8 +112,8 @@ async def test_lines_come_out_as_readings_in_order(
         assert before <= r.recv_time <= time.time()
         assert r.mono <= time.monotonic()
     a, b = readings[50:]
-    assert (a.sensor, a.event_time) == ("lab/a", 1764170000.0)
-    assert (b.sensor, b.event_time) == ("lab/b", b.recv_time)
+    assert (a.sensor, a.time) == ("lab/a", 1764170000.0)
+    assert (b.sensor, b.time) == ("lab/b", b.recv_time)
 
 
 async def test_a_line_split_across_writes_is_one_reading(
@@ -175,7 +175,7 @@ async def test_csv_format_drops_the_first_line_after_open(pty_device: PtyDevice)
         a, b, c = await take(drv, 3)
         assert drv.resync_bytes == len(b"2,2.5,C,")
     assert isinstance(a, Reading) and (a.sensor, a.value, a.unit) == ("t1", 1.5, "C")
-    assert isinstance(b, Reading) and (b.unit, b.event_time) == (None, 1764170000.0)
+    assert isinstance(b, Reading) and (b.unit, b.time) == (None, 1764170000.0)
     assert isinstance(c, Rejected) and (c.reason, c.raw) == ("not_a_number", b"t3,x,,")
 
 
@@ -186,7 +186,7 @@ async def test_kv_wide_lines(pty_device: PtyDevice) -> None:
         pty_device.write(b"id=7 temp=21.5 hum=40 ts=1764170000\nt1:1,t2:\nboot ok\n")
         items = await take(drv, 4)
         assert drv.resync_bytes == len(b"mp=21.5 hum=40")
-    readings = [(i.sensor, i.value, i.event_time) for i in items if isinstance(i, Reading)]
+    readings = [(i.sensor, i.value, i.time) for i in items if isinstance(i, Reading)]
     assert readings[:2] == [("b.temp", 21.5, 1764170000.0), ("b.hum", 40.0, 1764170000.0)]
     assert readings[2][:2] == ("b.t1", 1.0)
     assert isinstance(items[3], Rejected) and items[3].reason == "bad_pair"
@@ -230,7 +230,7 @@ async def test_csv_header_comes_after_the_tail_and_is_kept_across_reopens(
     await drv.open()  # this device does not reset on open: no new header
     pty_device.write(b"4170001,22,42\n1764170002,22.5,43\n")
     items = await take(drv, 2)
-    assert [(i.sensor, i.value, i.event_time) for i in items if isinstance(i, Reading)] == [
+    assert [(i.sensor, i.value, i.time) for i in items if isinstance(i, Reading)] == [
         ("temp", 22.5, 1764170002.0),
         ("hum", 43.0, 1764170002.0),
     ]

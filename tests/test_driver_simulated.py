@@ -63,7 +63,7 @@ async def test_readings_follow_the_signal_model() -> None:
     readings, _ = await run(sim_config(count=3000))
     assert [r.sensor for r in readings[:6]] == ["temp", "hum", "flat"] * 2
     assert [r.unit for r in readings[:3]] == ["C", "%", None]
-    assert all(r.source == "sim" and r.event_time == r.recv_time for r in readings)
+    assert all(r.source == "sim" and r.time == r.recv_time for r in readings)
     by_sensor: dict[str, list[float]] = {}
     for r in readings:
         by_sensor.setdefault(r.sensor, []).append(r.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import operator
 import os
 import sqlite3
 import tempfile
@@ -391,7 +392,7 @@ def test_readings_read_back_from_disk_as_committed(submissions: list[list[Any]])
                 through_thread = await log.read(Stream.READINGS, 0, limit=10_000)
         readings = [r for items in submissions for r in items if isinstance(r, Reading)]
         expected = [
-            (i, "reading", r.event_time, r.recv_time, r.mono, r.sensor, r.value, r.unit)
+            (i, "reading", r.time, r.recv_time, r.mono, r.sensor, r.value, r.unit)
             for i, r in enumerate(readings, 1)
         ]
         assert head == len(readings)
@@ -401,6 +402,27 @@ def test_readings_read_back_from_disk_as_committed(submissions: list[list[Any]])
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(Path(tmp) / "log.db"))
+
+
+async def test_a_committed_reading_is_the_event_consumers_read(log_path: Path) -> None:
+    """One object per reading from its decoder to every consumer: the commit gives it its
+    seq, and consumers that keep up read that very object, as SQLite gives it back."""
+    async with EventLog.open(log_path, FAST) as log:
+        await log.register("c", [Stream.READINGS, Stream.DEADLETTER])
+        items = [reading(i) for i in range(3)]
+        assert [r.seq for r in items] == [0, 0, 0]
+        await log.append([items[0], bad(), items[1], items[2]])
+        cached = await log.read(Stream.READINGS, 0)
+        log._recent[Stream.READINGS].clear()
+        stored = await log.read(Stream.READINGS, 0)
+    assert [r.seq for r in items] == [1, 2, 3]
+    assert all(map(operator.is_, cached, items))
+    assert [type(e) for e in stored] == [Event] * 3
+    assert stored == cached and cached == stored
+    assert [e.to_wire("L") for e in cached] == [e.to_wire("L") for e in stored]
+    with pytest.raises(AttributeError):
+        items[0].stream = "alerts"  # type: ignore[misc]
+    assert items[0] != reading(0) and "seq=1" in repr(items[0])
 
 
 async def test_a_commit_larger_than_recent_stays_in_memory_until_the_next(
