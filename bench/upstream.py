@@ -63,7 +63,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import HttpUpstreamConfig, LogConfig, MqttUpstreamConfig
-from agent.daemon import tune_gc
+from agent.daemon import tune_interpreter
 from agent.events import Reading, Stream
 from agent.log import EventLog
 from agent.upstream import Upstream, WireEncoder, batch_body
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_sink:
         asyncio.run(_serve_sink())
         return 0
-    tune_gc()  # the upstreams run in this process: collect as the daemon does
+    tune_interpreter()  # the upstreams run in this process: run them as the daemon does
     with tempfile.TemporaryDirectory(prefix="edge-bench-up-", dir=args.dir) as tmp:
         root = Path(tmp)
         results = run(args, root)

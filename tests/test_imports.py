@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from agent.daemon import GC_THRESHOLDS
+from agent.daemon import GC_THRESHOLDS, SWITCH_INTERVAL
 from tests.conftest import free_port, wait_until
 
 #: Runs the CLI as `python -m agent` does, and writes sys.modules and the cycle collector's
@@ -36,6 +36,7 @@ out, config = sys.argv[1:]
 atexit.register(lambda: open(out, "w").write(json.dumps({
     "modules": sorted(sys.modules),
     "gc": {"threshold": gc.get_threshold(), "frozen": gc.get_freeze_count()},
+    "switch_interval": sys.getswitchinterval(),
 })))
 sys.argv = ["edge-agent", "run", config]
 from agent.daemon import main
@@ -136,10 +137,12 @@ upstreams:
         assert loaded(modules, needed), needed
     for unused in ("paho", "prometheus_client", "aiohttp", "rich", "typer", "click"):
         assert not loaded(modules, unused), f"{unused} imported with nothing using it"
-    # agent.daemon.tune_gc: what startup made is out of every collection, and young
+    # agent.daemon.tune_interpreter: what startup made is out of every collection, and young
     # collections are rare enough that readings are committed and freed before them.
     assert tuple(dump["gc"]["threshold"]) == GC_THRESHOLDS
     assert dump["gc"]["frozen"] > 10_000
+    # ...and the log's writer thread gets the GIL back within half a millisecond.
+    assert dump["switch_interval"] == pytest.approx(SWITCH_INTERVAL)
 
 
 def test_mqtt_parts_load_paho_and_no_aiohttp(tmp_path: Path) -> None:

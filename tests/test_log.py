@@ -357,17 +357,26 @@ def _items(draw: st.DrawFn) -> Reading | Rejected:
 
 @st.composite
 def _submission(draw: st.DrawFn) -> list[Reading | Rejected]:
-    # The count drawn first: plain lists stay short, and the statements hold up to 64 rows.
+    # The count drawn first: plain lists stay short. The largest statements (256 rows) get
+    # the @example below: hypothesis drawing that many items is slow.
     n = draw(st.integers(0, 200))
     return draw(st.lists(_items(), min_size=n, max_size=n))
 
 
 _PLAIN = [Reading(s, 1.5, None, 1.7e9, 1.7e9, 5.0, "test") for s in ("t1", "rh", "t1")]
+# Each statement size once or more (256 + 256 + 64 + 16 + 8 + 4 + 2 + 1 with a unit column,
+# then the same without), every row different.
+_LONG = [
+    Reading(f"s{i % 7}", i / 3, "C" if i % 5 else None, 1.7e9 + i, 1.7e9 + i / 2, i, "test")
+    for i in range(607)
+]
+_LONG_PLAIN = [Reading(f"s{i % 3}", i * 1.5, None, 1.7e9, 1.7e9, i, "test") for i in range(607)]
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(_submission(), min_size=1, max_size=4))
 @example([_PLAIN, [*_PLAIN[:2], bad(), _PLAIN[2]], _PLAIN])  # readings only, then a reject
+@example([_LONG, _LONG_PLAIN])
 def test_readings_read_back_from_disk_as_committed(submissions: list[list[Any]]) -> None:
     """Readings go in by multi-row statements of several sizes, with and without a unit
     column: whatever the counts, units and rejects of the submissions in one commit, SQLite
