@@ -808,9 +808,9 @@ class EventLog:
                     recent.append(_stored(stream, _event_row(0, n, e)))
         # The whole of this commit, and up to RECENT events before it.
         for stream in _STREAMS:
-            recent = recents[stream]
-            for _ in range(before[stream] - RECENT):
-                recent.popleft()
+            if (excess := before[stream] - RECENT) > 0:  # popped in a C loop: one per reading
+                recent = recents[stream]
+                deque(map(deque.popleft, repeat(recent, excess)), maxlen=0)
 
     # ------------------------------------------------------------------ reading
 
