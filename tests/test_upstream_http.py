@@ -694,6 +694,10 @@ async def test_https_refuses_what_it_cannot_trust_and_keeps_everything(
     value=st.floats(allow_nan=False, allow_infinity=False),
     times=st.tuples(st.floats(allow_nan=False), st.floats(allow_nan=False)),
 )
+# Numbers below 1e-4, which orjson writes otherwise than repr, and one that only looks so.
+@example(seq=7, sensor="a", unit=None, value=1.5e-05, times=(1.0, 2.0))
+@example(seq=7, sensor="a", unit=None, value=-3e-07, times=(1.0, 2.0))
+@example(seq=7, sensor="a", unit=None, value=10.00001, times=(1.0, 2.0))
 def test_the_fast_encoder_writes_what_json_dumps_writes(
     seq: int, sensor: str, unit: str | None, value: float, times: tuple[float, float]
 ) -> None:
@@ -703,6 +707,17 @@ def test_the_fast_encoder_writes_what_json_dumps_writes(
         expected = json.dumps(event.to_wire("3e1a48afd96a"), separators=(",", ":"))
         assert encoder.event(event) == expected
         assert encoder.event(event).isascii()
+
+
+def test_values_orjson_cannot_format_are_written_as_json_dumps_writes_them() -> None:
+    """A value orjson refuses (an integer beyond 64 bits; readings are floats, but an event
+    may come from elsewhere) sends the whole batch the repr way, still exact."""
+    events = [
+        Event("readings", 1, "reading", 1.0, 1.0, 0.0, "t", 1.5),
+        Event("readings", 2, "reading", 1.0, 1.0, 0.0, "t", 2**70),  # type: ignore[arg-type]
+    ]
+    expected = [json.dumps(e.to_wire("L"), separators=(",", ":")) for e in events]
+    assert WireEncoder("L").events(events) == expected
 
 
 _few_floats = st.sampled_from([0.0, -0.0, 1.5, 1764212345.123456, float("inf")])
