@@ -1,7 +1,8 @@
 """The event vocabulary shared by drivers, the log, processors and forwarders.
 
-A driver produces `Reading`s (and `Rejected` bad input); the log turns each into an `Event`
-with a stream, a per-stream sequence number and a stable identity `<log id>:<stream>:<seq>`.
+A driver produces `Reading`s (and `Rejected` bad input). A reading is itself an `Event` of the
+`readings` stream, which the log gives its per-stream sequence number when it commits it; every
+event has a stable identity `<log id>:<stream>:<seq>`.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Reading(Event):
     `time` is the device's time when it sent one, else the receive time; `recv_time` is the
     wall clock at receipt and `mono` the monotonic clock, which windows run on so that a
     wall-clock step (no RTC, NTP at boot) neither breaks windows nor reorders anything.
-    `source` names the input it came from; it is not stored.
+    `source` names the input it came from; it is not stored. `value` and the times are floats,
+    as SQLite gives them back to a consumer that reads them from disk.
 
     One object from the decoder to every consumer: building a second one, the committed
     `Event`, for each reading was a fifth of the event loop's time at 100,000 readings/s.

@@ -8,9 +8,10 @@ them only once its own effect is durable.
 Concurrency: one writer task owns the write connection; `submit` only queues. Readers share a
 second connection. Consumers only ever see committed events, because the in-memory heads they
 wait on are advanced after the COMMIT returns. The newest committed events of each stream are
-also kept in memory (`RECENT`), built once when committed: consumers that keep up, which in
-steady state is all of them, read them without a query and without each building its own copy.
-Events handed out are shared between consumers and must be treated as read-only.
+also kept in memory (`RECENT`): readings as the very objects submitted, now with their seq,
+other events built once when committed. Consumers that keep up, which in steady state is all
+of them, read them without a query and without each building its own copy. Events handed out
+(and readings once submitted) are shared and must be treated as read-only.
 """
 
 from __future__ import annotations
