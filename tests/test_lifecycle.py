@@ -53,7 +53,11 @@ class Agent:
 def agent_events(db: Path) -> list[tuple[str, dict[str, Any]]]:
     if not db.exists():
         return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        # The agent may move the file aside between the check above and this open.
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.OperationalError:
+        return []
     try:
         rows = conn.execute("SELECT kind, data FROM events WHERE stream=4 ORDER BY seq").fetchall()
     except sqlite3.DatabaseError:  # not created yet, or the garbage before recovery
@@ -66,7 +70,11 @@ def agent_events(db: Path) -> list[tuple[str, dict[str, Any]]]:
 def count(db: Path, stream: int) -> int:
     if not db.exists():
         return 0
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        # The agent may move the file aside between the check above and this open.
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    except sqlite3.OperationalError:
+        return 0
     try:
         return int(
             conn.execute("SELECT count(*) FROM events WHERE stream=?", (stream,)).fetchone()[0]
