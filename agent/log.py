@@ -587,23 +587,32 @@ class EventLog:
     ) -> asyncio.Future[Committed]:
         """Queue events (and cursor moves) for the next group commit.
 
-        Waits while the queue is full (back-pressure), then returns a future that resolves
-        once everything in this call is committed, all in one transaction. Readings go to the
-        `readings` stream and `Rejected` input to `deadletter`.
+        Input (`readings`) waits while the queue is full (back-pressure); then this returns a
+        future that resolves once everything in this call is committed, all in one
+        transaction. Readings go to the `readings` stream and `Rejected` input to `deadletter`.
+
+        A submission without input never waits for room. What consumers submit (cursor moves,
+        aggregates, alerts, gap and deadletter records) comes from events already committed,
+        a little per batch they read, so it is bounded by their reading; and it must not queue
+        behind the input it is there to drain: during a burst that keeps the queue full, every
+        cursor move of an upstream and every alert of a processor waited for room behind it.
         """
         if self._closing:
             raise LogError("the log is closing")
         events = events or {}
         size = len(readings) + sum(len(v) for v in events.values()) + len(cursors)
-        async with self._space:
-            # A submission larger than the whole queue still goes in once the queue is empty.
-            await self._space.wait_for(
-                lambda: self._pending_size == 0 or self._pending_size + size <= self.cfg.queue_size
-            )
-            future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
-            rejected = len(readings) - countOf(map(type, readings), Reading)
-            self._pending.append(_Submission(readings, events, cursors, size, rejected, future))
-            self._pending_size += size
+        if readings:
+            async with self._space:
+                # A submission larger than the whole queue still goes in once it is empty.
+                await self._space.wait_for(
+                    lambda: (
+                        self._pending_size == 0 or self._pending_size + size <= self.cfg.queue_size
+                    )
+                )
+        future: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
+        rejected = len(readings) - countOf(map(type, readings), Reading)
+        self._pending.append(_Submission(readings, events, cursors, size, rejected, future))
+        self._pending_size += size
         self._wake.set()
         return future
 

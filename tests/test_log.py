@@ -413,6 +413,35 @@ def test_readings_read_back_from_disk_as_committed(submissions: list[list[Any]])
         asyncio.run(run(Path(tmp) / "log.db"))
 
 
+async def test_only_input_waits_for_room_in_the_queue(log_path: Path) -> None:
+    """Input that finds the queue full waits (back-pressure); what consumers submit (cursor
+    moves, alerts, aggregates) never queues behind it, or an upstream draining a burst would
+    stall on its every acknowledgement. The writer is held by a gate (a stand-in for a slow
+    disk) so that the queue stays full."""
+    async with EventLog.open(log_path, LogConfig(commit_interval=0.0, queue_size=10)) as log:
+        gate = asyncio.Event()
+        commit = log._commit
+
+        async def held(batch: Any) -> None:
+            await gate.wait()
+            await commit(batch)
+
+        with mock.patch.object(log, "_commit", held):
+            first = await log.submit([reading(i) for i in range(10)])
+            waiting = asyncio.ensure_future(log.submit([reading(10)]))
+            alert = NewEvent("alert.raised", 1.0, 1.0, 1.0, sensor="t1", data={"rule": "hot"})
+            moved = await asyncio.wait_for(
+                log.submit(cursors=[CursorUpdate("c", Stream.READINGS, 0)]), 5
+            )
+            raised = await asyncio.wait_for(log.submit(events={Stream.ALERTS: [alert]}), 5)
+            for _ in range(20):  # turns of the loop, in which the input could have gone in
+                await asyncio.sleep(0)
+            assert not waiting.done()
+            gate.set()
+            await asyncio.gather(first, moved, raised, await waiting)
+        assert log.head(Stream.READINGS) == 11 and log.head(Stream.ALERTS) == 1
+
+
 async def test_a_committed_reading_is_the_event_consumers_read(log_path: Path) -> None:
     """One object per reading from its decoder to every consumer: the commit gives it its
     seq, and consumers that keep up read that very object, as SQLite gives it back."""
