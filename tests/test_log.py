@@ -455,8 +455,12 @@ async def test_a_committed_reading_is_the_event_consumers_read(log_path: Path) -
         stored = await log.read(Stream.READINGS, 0)
     assert [r.seq for r in items] == [1, 2, 3]
     assert all(map(operator.is_, cached, items))
-    assert [type(e) for e in stored] == [Event] * 3
+    # From disk, readings too: the same type, without the source (it is not stored).
+    assert [(type(e), e.source) for e in stored] == [(Reading, "")] * 3
     assert stored == cached and cached == stored
+    fields = ("stream", "seq", "kind", "time", "recv_time", "mono", "sensor", "value", "unit")
+    as_event = Event(**{f: getattr(items[0], f) for f in fields})
+    assert as_event == items[0] and items[0] == as_event and items[1] != as_event
     assert [e.to_wire("L") for e in cached] == [e.to_wire("L") for e in stored]
     with pytest.raises(AttributeError):
         items[0].stream = "alerts"  # type: ignore[misc]
