@@ -945,6 +945,14 @@ ODD_BODIES: dict[str, bytes] = {
     "NaN": wire(body_of([plain(1)])).replace(b'"value":20.25', b'"value":NaN'),
     "Infinity": wire(body_of([plain(1)])).replace(b'"time":', b'"time":-Infinity,"x":'),
     "leading zero": wire(body_of([plain(1)])).replace(b'"value":20.25', b'"value":020.25'),
+    # The times are matched loosely (any run of number characters) and checked afterwards.
+    "huge exponent time": wire(body_of([plain(1)])).replace(b":1764170000.375,", b":1e400,"),
+    "leading zero time": wire(body_of([plain(1)])).replace(
+        b":1764170000.375,", b":01764170000.375,"
+    ),
+    "plus time": wire(body_of([plain(1)])).replace(b":1764170000.375,", b":+1764170000.375,"),
+    "dot-ended recv_time": wire(body_of([plain(1)])).replace(b":1764170001.75,", b":1764170001.,"),
+    "odd time later": wire(body_of([plain(1), plain(2)])).replace(b":1764170000.5,", b":1-5,"),
     "trailing comma": wire(body_of([plain(1), plain(2)])).replace(b"}]}", b"},]}"),
     "two arrays": wire(body_of([plain(1)])).replace(b"}]}", b'}],"events":[]}'),
     "negative zero seq": wire(body_of([plain(0)])).replace(b'"seq":0', b'"seq":-0'),
