@@ -144,20 +144,7 @@ def corrected(
     when = event.time
     if abs(when - event.recv_time) < abs(when - recv):
         when += shift
-    # A new Event, not `replace`: a reading is an Event of a subclass with its own __init__.
-    return Event(
-        event.stream,
-        event.seq,
-        event.kind,
-        when,
-        recv,
-        event.mono,
-        event.sensor,
-        event.value,
-        event.unit,
-        event.data,
-        event.raw,
-    )
+    return event.with_times(when, recv)
 
 
 @dataclass(slots=True)

@@ -88,6 +88,24 @@ class Event:
         """The stable identity sent upstream, so the receiver can drop duplicates."""
         return f"{log_id}:{self.stream}:{self.seq}"
 
+    def with_times(self, time: float, recv_time: float) -> Event:
+        """A plain `Event` with this one's fields but the times given: events handed out are
+        shared, so they are never changed in place (a `Reading` gives its own times to get
+        itself as a plain event)."""
+        return Event(
+            self.stream,
+            self.seq,
+            self.kind,
+            time,
+            recv_time,
+            self.mono,
+            self.sensor,
+            self.value,
+            self.unit,
+            self.data,
+            self.raw,
+        )
+
     def to_wire(self, log_id: str) -> dict[str, Any]:
         """The JSON form sent upstream (see README, "Upstream wire format")."""
         out: dict[str, Any] = {
@@ -168,16 +186,14 @@ class Reading(Event):
         if type(other) is Reading:
             return self._key() == other._key()
         # As consumers see it: equal to the same event of any other kind.
-        return Event.__eq__(_as_event(self), other) if isinstance(other, Event) else NotImplemented
+        if not isinstance(other, Event):
+            return NotImplemented
+        return Event.__eq__(self.with_times(self.time, self.recv_time), other)
 
     def _key(self) -> tuple[Any, ...]:
         return (self.seq, self.time, self.recv_time, self.mono, self.sensor, self.value, self.unit)
 
     __hash__ = None  # type: ignore[assignment]
-
-
-def _as_event(r: Reading) -> Event:
-    return Event(r.stream, r.seq, r.kind, r.time, r.recv_time, r.mono, r.sensor, r.value, r.unit)
 
 
 @dataclass(slots=True)

@@ -348,12 +348,12 @@ def _number_texts(events: Sequence[Event]) -> list[str]:
     value orjson does not take (None is null; NaN and infinities, null too, go the slow way
     anyway) makes the whole batch take `repr`.
     """
+    if not events:
+        return []
     try:
         data = orjson.dumps([*map(_SEQ, events), *map(_VALUE, events)])
     except orjson.JSONEncodeError:
         return [*map(str, map(_SEQ, events)), *map(repr, map(_VALUE, events))]
-    if not events:
-        return []
     texts = data[1:-1].decode().split(",")
     if b"e-" in data or b"0.0000" in data:  # a quick test on the whole: may be a false alarm
         n = len(events)
