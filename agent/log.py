@@ -8,9 +8,10 @@ them only once its own effect is durable.
 Concurrency: one writer task owns the write connection; `submit` only queues. Readers share a
 second connection. Consumers only ever see committed events, because the in-memory heads they
 wait on are advanced after the COMMIT returns. The newest committed events of each stream are
-also kept in memory (`RECENT`): readings as the very objects submitted, now with their seq,
-other events built once when committed. Consumers that keep up, which in steady state is all
-of them, read them without a query and without each building its own copy. Events handed out
+also kept in memory (`RECENT`, and while a consumer reads behind the head, what it still
+needs, up to `LAGGING`): readings as the very objects submitted, now with their seq, other
+events built once when committed. Consumers that keep up, which in steady state is all of
+them, read them without a query and without each building its own copy. Events handed out
 (and readings once submitted) are shared and must be treated as read-only.
 """
 
@@ -64,6 +65,17 @@ CACHE_KIB = 512
 #: A commit can be larger (up to `max_batch`): its events are all kept until the next one, so
 #: a consumer that was at the head still finds the whole commit here during a burst.
 RECENT = 2048
+#: Events kept, at most, for a consumer that reads behind the head (besides the latest commit).
+#: During a burst an upstream reads some thousands of readings behind the input (in
+#: bench/e2e.py mode b: 9,000 at the median, 35,000 at most). Trimmed to `RECENT`, the cache
+#: lost what it was about to read: it read them back from SQLite instead, each row a hand-over
+#: of the GIL with the writer (3-5 µs a row, where memory costs nothing), fell further behind
+#: and never caught up while the burst lasted; end to end went from 112-121k readings/s to
+#: 82-88k. The events are held only while such a consumer reads (`HOLD`), so in steady state
+#: the cache stays at `RECENT`; the bound is of the order of the input queue's (`queue_size`).
+LAGGING = 65_536
+#: How long a read holds the events after it in memory (see `LAGGING`).
+HOLD = 1.0
 #: Readings this close to the head are read on the event loop's own thread (see `read`).
 HOT = 250_000
 
@@ -148,6 +160,63 @@ class Committed:
     """What a submission became: per stream, the seq of its first and last event."""
 
     ranges: dict[Stream, tuple[int, int]] = field(default_factory=dict)
+
+
+class _Recent:
+    """One stream's newest committed events, oldest first (see `RECENT`, `LAGGING`).
+
+    A list and the index of its oldest kept event: a read is a slice, where a deque walks from
+    its end to the first event returned (thousands of steps a read for a consumer behind the
+    head), and trimming moves the index, the dead head cut off in one move of what is left
+    once it is an eighth as long.
+    """
+
+    __slots__ = ("_events", "_start")
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+        self._start = 0
+
+    def __len__(self) -> int:
+        return len(self._events) - self._start
+
+    def __iter__(self) -> Iterator[Event]:
+        return islice(self._events, self._start, None)
+
+    def clear(self) -> None:
+        self._events.clear()
+        self._start = 0
+
+    def append(self, event: Event) -> None:
+        self._events.append(event)
+
+    def extend(self, events: Iterable[Event]) -> None:
+        self._events.extend(events)
+
+    def after(self, seq: int, limit: int) -> list[Event] | None:
+        """Up to `limit` events from `seq` + 1 on; None unless the first of them is here."""
+        events, start = self._events, self._start
+        if start == len(events):
+            return None
+        i = start + seq + 1 - events[start].seq
+        if not start <= i < len(events):
+            return None
+        found = events[i : i + limit]
+        return found if found[0].seq == seq + 1 else None  # contiguous, as it always is
+
+    def keep(self, n: int) -> None:
+        """Keep only the newest `n` events."""
+        events = self._events
+        self._start = start = max(self._start, len(events) - max(n, 0))
+        if start >= 512 and start * 8 >= len(events):
+            del events[:start]
+            self._start = 0
+
+    def drop_through(self, seq: int) -> None:
+        """Drop the events up to `seq` (deleted from the log)."""
+        events, start = self._events, self._start
+        if start < len(events):
+            self.keep(len(events) - min(len(events), start + max(0, seq + 1 - events[start].seq)))
 
 
 @dataclass(slots=True)
@@ -435,7 +504,10 @@ class EventLog:
         # A log created before reading rows were compact gets full rows (_full_reading_row).
         self._old_schema = False
         # The newest committed events per stream, contiguous seqs ending at the head.
-        self._recent: dict[Stream, deque[Event]] = {s: deque() for s in Stream}
+        self._recent: dict[Stream, _Recent] = {s: _Recent() for s in Stream}
+        # Per stream, the lowest seq read after in this `HOLD` and the one before, and when this
+        # one started: what a consumer reading from memory still needs (see `_remember`).
+        self._held: dict[Stream, list[float]] = {s: [0.0, 0.0, -2 * HOLD] for s in Stream}
         self._writer_db: aiosqlite.Connection | None = None
         self._reader_db: aiosqlite.Connection | None = None
         self._hot_db: sqlite3.Connection | None = None
@@ -814,11 +886,22 @@ class EventLog:
                 for e in events:
                     n += 1
                     recent.append(_stored(stream, _event_row(0, n, e)))
-        # The whole of this commit, and up to RECENT events before it.
+        # The whole of this commit, and up to RECENT events before it, or as many as a
+        # consumer reading lately still needs (up to LAGGING).
+        now = time.monotonic()
         for stream in _STREAMS:
-            if (excess := before[stream] - RECENT) > 0:  # popped in a C loop: one per reading
+            if before[stream] > RECENT:
                 recent = recents[stream]
-                deque(map(deque.popleft, repeat(recent, excess)), maxlen=0)
+                need = min(LAGGING, self._heads[stream] - self._floor(stream, now))
+                recent.keep(len(recent) - before[stream] + min(before[stream], max(RECENT, need)))
+
+    def _floor(self, stream: Stream, now: float) -> int:
+        """The lowest seq a consumer read after within the last `HOLD` or so; the head when
+        none did."""
+        low, previous, since = self._held[stream]
+        if now - since >= 2 * HOLD:
+            return self._heads[stream]
+        return int(low if now - since >= HOLD else min(low, previous))
 
     # ------------------------------------------------------------------ reading
 
@@ -856,12 +939,16 @@ class EventLog:
         upto = self._heads[stream]
         if after >= upto:
             return []
-        recent = self._recent[stream]
-        if recent and after >= recent[0].seq - 1:
-            start = after + 1 - recent[0].seq
-            events = list(islice(recent, start, start + limit))
-            if events and events[0].seq == after + 1:  # contiguous, as it always should be
-                return events
+        if upto - after <= LAGGING:
+            held, now = self._held[stream], time.monotonic()
+            if now - held[2] >= HOLD:  # a new window; the last one counts if it just ended
+                held[1] = held[0] if now - held[2] < 2 * HOLD else after
+                held[0], held[2] = after, now
+            elif after < held[0]:
+                held[0] = after
+        events = self._recent[stream].after(after, limit)
+        if events is not None:
+            return events
         if stream is Stream.READINGS:
             if upto - after <= HOT:
                 try:
@@ -1114,9 +1201,7 @@ class EventLog:
                 await db.execute("ROLLBACK")
             raise
         self._tails[stream] = upto + 1
-        recent = self._recent[stream]
-        while recent and recent[0].seq <= upto:
-            recent.popleft()
+        self._recent[stream].drop_through(upto)
         bucket = self.stats.dropped if gap is not None else self.stats.pruned
         bucket[stream.value] = bucket.get(stream.value, 0) + count
         if gap is not None:

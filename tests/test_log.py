@@ -488,6 +488,101 @@ async def test_a_commit_larger_than_recent_stays_in_memory_until_the_next(
         assert [e.seq for e in recent] == list(range(head + 21 - RECENT - 6, head + 22))
 
 
+async def test_a_consumer_reading_behind_the_head_finds_its_events_in_memory(
+    log_path: Path,
+) -> None:
+    """During a burst an upstream reads thousands of events behind the input. The cache keeps
+    what a consumer that read lately still needs, up to LAGGING events: trimmed to RECENT, it
+    lost them just before they were read, and the upstream read every one back from SQLite,
+    fell further behind, and stayed there (end to end, a quarter slower)."""
+    async with EventLog.open(log_path, FAST) as log:
+        await log.register("c", [Stream.READINGS])
+        first = [reading(i) for i in range(3 * RECENT)]
+        await log.append(first)
+        got = await log.read(Stream.READINGS, 1, 10)  # a consumer 3 * RECENT - 1 behind
+        assert got[0] is first[1], "from memory: the very object submitted"
+        second = [reading(i) for i in range(3 * RECENT)]
+        await log.append(second)
+        got = await log.read(Stream.READINGS, 11, 10)
+        assert got[0] is first[11] and [e.seq for e in got] == list(range(12, 22))
+        # The hold lasts while the consumer reads (from its lowest read within HOLD).
+        third = [reading(i) for i in range(10)]
+        await log.append(third)
+        assert next(iter(log._recent[Stream.READINGS])).seq == 2
+        got = await log.read(Stream.READINGS, 6 * RECENT - 5, 100)
+        assert got[0] is second[-5] and got[-1] is third[-1]
+
+
+async def test_the_memory_held_for_a_lagging_consumer_is_bounded(
+    log_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most LAGGING events before the latest commit, and only for a consumer that read
+    within LAGGING of the head within HOLD: one far behind reads SQLite anyway, and one that
+    stopped reading (an upstream backing off in an outage) holds nothing."""
+    monkeypatch.setattr(agent.log, "LAGGING", 5000)
+    async with EventLog.open(log_path, FAST) as log:
+        await log.register("c", [Stream.READINGS])
+        recent = log._recent[Stream.READINGS]
+        await log.append([reading(i) for i in range(6000)])
+        await log.read(Stream.READINGS, 0, 1)  # 6000 behind: beyond LAGGING, no hold
+        await log.append([reading(i) for i in range(100)])
+        assert [e.seq for e in recent] == list(range(6001 - RECENT, 6101))
+        await log.read(Stream.READINGS, 6100 - RECENT, 1)  # in memory, RECENT behind
+        await log.append([reading(i) for i in range(4000)])
+        assert next(iter(recent)).seq == 6101 - RECENT, "held for the reader"
+        await log.append([reading(i) for i in range(4000)])
+        # The reader is now 8,000 + RECENT behind: the cache keeps LAGGING before the commit.
+        assert [e.seq for e in recent] == list(range(10101 - 5000, 14101))
+        monkeypatch.setattr(agent.log, "HOLD", 0.0)  # the reader stopped reading long ago
+        await log.append([reading(i) for i in range(10)])
+        assert [e.seq for e in recent] == list(range(14101 - RECENT, 14111))
+
+
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 700)),
+        st.tuples(st.just("keep"), st.integers(-5, 3000)),
+        st.tuples(st.just("drop"), st.integers(-5, 3000)),
+        st.tuples(st.just("read"), st.integers(-5, 3000), st.integers(1, 600)),
+        st.just(("clear",)),
+    ),
+    max_size=40,
+)
+
+
+@given(_OPS)
+@example([("add", 700), ("keep", 40), ("read", 660, 5), ("add", 3), ("drop", 680), ("keep", 9)])
+@settings(max_examples=60, deadline=None)
+def test_the_memory_cache_is_the_newest_events_in_seq_order(ops: list[tuple[Any, ...]]) -> None:
+    """`_Recent` (a list and an index) against a plain list of the same events, through
+    appends, trims, deletions and reads; the example cuts the dead head off (512 and up)."""
+    cache, model, head = agent.log._Recent(), [], 0
+    for op in ops:
+        if op[0] == "add":
+            events = [mock.Mock(seq=head + 1 + i) for i in range(op[1])]
+            head += op[1]
+            if events and len(events) % 2:
+                cache.append(events[0])
+                cache.extend(events[1:])
+            else:
+                cache.extend(events)
+            model += events
+        elif op[0] == "keep":
+            cache.keep(op[1])
+            model = model[len(model) - max(op[1], 0) :] if op[1] < len(model) else model
+        elif op[0] == "drop":
+            cache.drop_through(op[1])
+            model = [e for e in model if e.seq > op[1]]
+        elif op[0] == "read":
+            found = cache.after(op[1], op[2])
+            start = [i for i, e in enumerate(model) if e.seq == op[1] + 1]
+            assert found == (model[start[0] : start[0] + op[2]] if start else None)
+        else:
+            cache.clear()
+            model = []
+        assert list(cache) == model and len(cache) == len(model)
+
+
 class _LockedConnection:
     """A fake, named as such: the loop's connection finding the file locked. A real lock that
     stops a WAL reader (recovery, an exclusive-mode writer) cannot be taken while the log
