@@ -591,12 +591,17 @@ def service_install(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print every step, run none.")] = False,
 ) -> None:
     """Create the system user, install the unit and the example config, enable and start."""
-    from agent.service import install_steps
+    from agent.service import ServiceError, install_steps
 
     if not dry_run and os.geteuid() != 0:
         typer.echo("service install needs root: sudo edge-agent service install", err=True)
         raise typer.Exit(1)
-    _run_steps(install_steps(), dry_run)
+    try:
+        steps = install_steps()
+    except ServiceError as exc:
+        typer.echo(f"service install: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _run_steps(steps, dry_run)
     if not dry_run:
         typer.echo("installed: edit /etc/edge-agent/agent.yaml, then: systemctl restart edge-agent")
 

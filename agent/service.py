@@ -15,7 +15,27 @@ from pathlib import Path
 
 UNIT_NAME = "edge-agent.service"
 USER = "edge-agent"
+#: The source tree: an editable install (the README's) or a checkout.
 REPO = Path(__file__).resolve().parent.parent
+#: Where a regular install (`pip install <path>`, a wheel) puts the unit, the drop-in examples
+#: and the example config (pyproject's data-files): the source tree is not there to read.
+SHARE = Path(sys.prefix) / "share" / "edge-agent"
+
+
+class ServiceError(Exception):
+    """What the project ships for the service is not where an install puts it."""
+
+
+def shipped(relative: str) -> Path:
+    """A file the project ships, by its path in the source tree (`systemd/edge-agent.service`):
+    from the source tree when it is there, else from `SHARE`."""
+    for path in (REPO / relative, SHARE / Path(relative).name):
+        if path.is_file():
+            return path
+    raise ServiceError(
+        f"{relative} is neither in the source tree ({REPO}) nor in {SHARE}: reinstall edge-agent"
+        " (pip install -e <source> or pip install <source>)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +78,7 @@ def _executable() -> str:
 
 def unit_text(executable: str) -> str:
     """The shipped unit with ExecStart pointing at `executable`."""
-    template = (REPO / "systemd" / UNIT_NAME).read_text()
+    template = shipped(f"systemd/{UNIT_NAME}").read_text()
     return template.replace("@EDGE_AGENT@", executable)
 
 
@@ -66,11 +86,14 @@ def install_steps(
     *,
     unit_dir: Path = Path("/etc/systemd/system"),
     config_dir: Path = Path("/etc/edge-agent"),
-    example: Path = REPO / "config" / "agent.example.yaml",
+    example: Path | None = None,
     executable: str | None = None,
     have_user: bool | None = None,
 ) -> list[Step]:
-    """Every step of an install, in order, without running any."""
+    """Every step of an install, in order, without running any (ServiceError when the unit or
+    the example config cannot be found)."""
+    example = example or shipped("config/agent.example.yaml")
+    unit = unit_text(executable or _executable())
     steps: list[Step] = []
     if have_user is None:
         have_user = subprocess.run(["id", "-u", USER], capture_output=True).returncode == 0
@@ -91,7 +114,7 @@ def install_steps(
                 ]
             )
         )
-    steps.append(_write(unit_dir / UNIT_NAME, unit_text(executable or _executable())))
+    steps.append(_write(unit_dir / UNIT_NAME, unit))
     config = config_dir / "agent.yaml"
     if config.exists():
         steps.append(Step(f"keep {config} (exists; never overwritten)", lambda: None))

@@ -7,13 +7,26 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+import agent.service
+from agent.cli import app
 from agent.config import ConfigError, load_config, parse_config
 from agent.preflight import key_file_problems
-from agent.service import REPO, install_steps, uninstall_steps, unit_text
+from agent.service import REPO, ServiceError, install_steps, uninstall_steps, unit_text
+
+#: What `service install` reads, by its path in the source tree.
+SHIPPED = [
+    "systemd/edge-agent.service",
+    "systemd/credentials.conf",
+    "systemd/devices.conf",
+    "systemd/watchdog.conf",
+    "config/agent.example.yaml",
+]
 
 
 def test_install_writes_unit_and_config_but_never_overwrites(tmp_path: Path) -> None:
@@ -47,6 +60,58 @@ def test_install_writes_unit_and_config_but_never_overwrites(tmp_path: Path) -> 
         if step.describe.startswith(("keep", "write")):
             step.run()
     assert config.read_text() == "mine\n"
+
+
+def test_a_regular_install_carries_what_service_install_writes(tmp_path: Path) -> None:
+    """`pip install <source>` (not editable, as the README has it) leaves no source tree
+    behind: the wheel must carry the unit, the drop-in examples and the example config, to
+    where `SHARE` looks (<venv>/share/edge-agent)."""
+    src = tmp_path / "src"
+    for part in ("agent", "drivers", "simulator", "systemd", "config"):
+        shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "w"), src],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "w").glob("*.whl")
+    with zipfile.ZipFile(wheel) as whl:
+        data = {
+            name.partition(".data/data/share/edge-agent/")[2]: whl.read(name)
+            for name in whl.namelist()
+            if ".data/data/share/edge-agent/" in name
+        }
+    assert data == {Path(rel).name: (REPO / rel).read_bytes() for rel in SHIPPED}
+
+
+def test_without_the_source_tree_the_installed_copies_are_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    share = tmp_path / "share" / "edge-agent"
+    share.mkdir(parents=True)
+    monkeypatch.setattr(agent.service, "REPO", tmp_path / "no-source-tree")
+    monkeypatch.setattr(agent.service, "SHARE", share)
+    where = {"unit_dir": tmp_path / "units", "config_dir": tmp_path / "etc"}
+    with pytest.raises(ServiceError, match="reinstall edge-agent"):
+        install_steps(**where, executable="/x/edge-agent", have_user=True)
+    result = CliRunner().invoke(app, ["service", "install", "--dry-run"])
+    assert result.exit_code == 1, result.output
+    assert "service install: config/agent.example.yaml is neither" in result.output
+    assert isinstance(result.exception, SystemExit), "a message, not a traceback"
+    for rel in SHIPPED:
+        shutil.copy(REPO / rel, share)
+    for step in install_steps(**where, executable="/x/edge-agent", have_user=True):
+        if step.describe.startswith("write"):
+            step.run()
+    unit = (tmp_path / "units" / "edge-agent.service").read_text()
+    assert "ExecStart=/x/edge-agent run /etc/edge-agent/agent.yaml" in unit
+    assert (tmp_path / "etc" / "agent.yaml").read_bytes() == (
+        REPO / "config" / "agent.example.yaml"
+    ).read_bytes()
 
 
 def test_uninstall_keeps_config_and_log(tmp_path: Path) -> None:
