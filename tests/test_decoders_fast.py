@@ -195,7 +195,7 @@ def lines(draw: st.DrawFn, cfg: SerialInputConfig) -> bytes:
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_reading_is_exactly_the_general_decode(name: str, data: st.DataObject) -> None:
     cfg = config(name)

@@ -200,7 +200,7 @@ _RAW_NUMBERS = [("0", "-0"), ("1", "1E2"), ("2", "2.50"), ("5", "5e-3"), (".5", 
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_message_is_exactly_what_the_general_path_makes_of_it(
     name: str, data: st.DataObject
