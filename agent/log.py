@@ -220,6 +220,30 @@ class _Recent:
 
 
 @dataclass(slots=True)
+class _Readers:
+    """Where consumers read a stream lately (see `LAGGING`): the lowest seq read after in the
+    current window of `HOLD` seconds and in the one before it, and when the current began."""
+
+    low: int = 0
+    previous: int = 0
+    since: float = float("-inf")
+
+    def note(self, after: int, now: float) -> None:
+        """A consumer read the events after `after`."""
+        if now - self.since >= HOLD:  # a new window; the last one counts if it just ended
+            self.previous = self.low if now - self.since < 2 * HOLD else after
+            self.low, self.since = after, now
+        elif after < self.low:
+            self.low = after
+
+    def floor(self, now: float, head: int) -> int:
+        """The lowest seq read after within the last `HOLD` or so; `head` when none was."""
+        if now - self.since >= 2 * HOLD:
+            return head
+        return self.low if now - self.since >= HOLD else min(self.low, self.previous)
+
+
+@dataclass(slots=True)
 class _Submission:
     readings: Sequence[Reading | Rejected]
     events: Mapping[Stream, Sequence[NewEvent]]
@@ -505,9 +529,8 @@ class EventLog:
         self._old_schema = False
         # The newest committed events per stream, contiguous seqs ending at the head.
         self._recent: dict[Stream, _Recent] = {s: _Recent() for s in Stream}
-        # Per stream, the lowest seq read after in this `HOLD` and the one before, and when this
-        # one started: what a consumer reading from memory still needs (see `_remember`).
-        self._held: dict[Stream, list[float]] = {s: [0.0, 0.0, -2 * HOLD] for s in Stream}
+        # Where consumers read lately: what the cache still holds for them (see `_remember`).
+        self._readers: dict[Stream, _Readers] = {s: _Readers() for s in Stream}
         self._writer_db: aiosqlite.Connection | None = None
         self._reader_db: aiosqlite.Connection | None = None
         self._hot_db: sqlite3.Connection | None = None
@@ -892,16 +915,9 @@ class EventLog:
         for stream in _STREAMS:
             if before[stream] > RECENT:
                 recent = recents[stream]
-                need = min(LAGGING, self._heads[stream] - self._floor(stream, now))
+                head = self._heads[stream]
+                need = min(LAGGING, head - self._readers[stream].floor(now, head))
                 recent.keep(len(recent) - before[stream] + min(before[stream], max(RECENT, need)))
-
-    def _floor(self, stream: Stream, now: float) -> int:
-        """The lowest seq a consumer read after within the last `HOLD` or so; the head when
-        none did."""
-        low, previous, since = self._held[stream]
-        if now - since >= 2 * HOLD:
-            return self._heads[stream]
-        return int(low if now - since >= HOLD else min(low, previous))
 
     # ------------------------------------------------------------------ reading
 
@@ -939,13 +955,8 @@ class EventLog:
         upto = self._heads[stream]
         if after >= upto:
             return []
-        if upto - after <= LAGGING:
-            held, now = self._held[stream], time.monotonic()
-            if now - held[2] >= HOLD:  # a new window; the last one counts if it just ended
-                held[1] = held[0] if now - held[2] < 2 * HOLD else after
-                held[0], held[2] = after, now
-            elif after < held[0]:
-                held[0] = after
+        if upto - after <= LAGGING:  # one further behind reads SQLite anyway: hold nothing
+            self._readers[stream].note(after, time.monotonic())
         events = self._recent[stream].after(after, limit)
         if events is not None:
             return events

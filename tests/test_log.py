@@ -499,10 +499,13 @@ async def test_a_consumer_reading_behind_the_head_finds_its_events_in_memory(
         await log.register("c", [Stream.READINGS])
         first = [reading(i) for i in range(3 * RECENT)]
         await log.append(first)
-        got = await log.read(Stream.READINGS, 1, 10)  # a consumer 3 * RECENT - 1 behind
-        assert got[0] is first[1], "from memory: the very object submitted"
+        got = await log.read(Stream.READINGS, 11, 10)  # a consumer 3 * RECENT - 11 behind
+        assert got[0] is first[11], "from memory: the very object submitted"
+        await log.read(Stream.READINGS, 1, 10)  # another, further behind
         second = [reading(i) for i in range(3 * RECENT)]
         await log.append(second)
+        got = await log.read(Stream.READINGS, 1, 10)
+        assert got[0] is first[1] and [e.seq for e in got] == list(range(2, 12))
         got = await log.read(Stream.READINGS, 11, 10)
         assert got[0] is first[11] and [e.seq for e in got] == list(range(12, 22))
         # The hold lasts while the consumer reads (from its lowest read within HOLD).
