@@ -9,7 +9,7 @@ Concurrency: one writer task owns the write connection; `submit` only queues. Re
 second connection. Consumers only ever see committed events, because the in-memory heads they
 wait on are advanced after the COMMIT returns. The newest committed events of each stream are
 also kept in memory (`RECENT`, and while a consumer reads behind the head, what it still
-needs, up to `LAGGING`): readings as the very objects submitted, now with their seq, other
+needs, up to `queue_size`): readings as the very objects submitted, now with their seq, other
 events built once when committed. Consumers that keep up, which in steady state is all of
 them, read them without a query and without each building its own copy. Events handed out
 (and readings once submitted) are shared and must be treated as read-only.
@@ -65,16 +65,16 @@ CACHE_KIB = 512
 #: A commit can be larger (up to `max_batch`): its events are all kept until the next one, so
 #: a consumer that was at the head still finds the whole commit here during a burst.
 RECENT = 2048
-#: Events kept, at most, for a consumer that reads behind the head (besides the latest commit).
-#: During a burst an upstream reads some thousands of readings behind the input (in
-#: bench/e2e.py mode b: 9,000 at the median, 35,000 at most). Trimmed to `RECENT`, the cache
-#: lost what it was about to read: it read them back from SQLite instead, each row a hand-over
-#: of the GIL with the writer (3-5 µs a row, where memory costs nothing), fell further behind
-#: and never caught up while the burst lasted; end to end went from 112-121k readings/s to
-#: 82-88k. The events are held only while such a consumer reads (`HOLD`), so in steady state
-#: the cache stays at `RECENT`; the bound is of the order of the input queue's (`queue_size`).
-LAGGING = 65_536
-#: How long a read holds the events after it in memory (see `LAGGING`).
+#: A consumer that reads behind the head keeps the events after it in memory, besides the
+#: latest commit, up to the log's `queue_size` (50,000 by default): the one bound on the
+#: readings a burst holds in memory on either side of the log. During a burst an upstream
+#: reads some thousands of readings behind the input (in bench/e2e.py mode b: 9,000 at the
+#: median, 35,000 at most). Trimmed to `RECENT`, the cache lost what it was about to read: it
+#: read them back from SQLite instead, each row a hand-over of the GIL with the writer (3-5 µs
+#: a row, where memory costs nothing), fell further behind and never caught up while the burst
+#: lasted; end to end went from 112-121k readings/s to 82-88k. A read holds the events after it
+#: for `HOLD` seconds, so in steady state the cache stays at `RECENT`, and a consumer that
+#: stopped reading (an upstream backing off in an outage) holds nothing.
 HOLD = 1.0
 #: Readings this close to the head are read on the event loop's own thread (see `read`).
 HOT = 250_000
@@ -163,7 +163,7 @@ class Committed:
 
 
 class _Recent:
-    """One stream's newest committed events, oldest first (see `RECENT`, `LAGGING`).
+    """One stream's newest committed events, oldest first (see `RECENT`, `HOLD`).
 
     A list and the index of its oldest kept event: a read is a slice, where a deque walks from
     its end to the first event returned (thousands of steps a read for a consumer behind the
@@ -221,7 +221,7 @@ class _Recent:
 
 @dataclass(slots=True)
 class _Readers:
-    """Where consumers read a stream lately (see `LAGGING`): the lowest seq read after in the
+    """Where consumers read a stream lately (see `HOLD`): the lowest seq read after in the
     current window of `HOLD` seconds and in the one before it, and when the current began."""
 
     low: int = 0
@@ -910,13 +910,13 @@ class EventLog:
                     n += 1
                     recent.append(_stored(stream, _event_row(0, n, e)))
         # The whole of this commit, and up to RECENT events before it, or as many as a
-        # consumer reading lately still needs (up to LAGGING).
+        # consumer reading lately still needs (up to queue_size).
         now = time.monotonic()
         for stream in _STREAMS:
             if before[stream] > RECENT:
                 recent = recents[stream]
                 head = self._heads[stream]
-                need = min(LAGGING, head - self._readers[stream].floor(now, head))
+                need = min(self.cfg.queue_size, head - self._readers[stream].floor(now, head))
                 recent.keep(len(recent) - before[stream] + min(before[stream], max(RECENT, need)))
 
     # ------------------------------------------------------------------ reading
@@ -955,7 +955,7 @@ class EventLog:
         upto = self._heads[stream]
         if after >= upto:
             return []
-        if upto - after <= LAGGING:  # one further behind reads SQLite anyway: hold nothing
+        if upto - after <= self.cfg.queue_size:  # one further behind holds nothing
             self._readers[stream].note(after, time.monotonic())
         events = self._recent[stream].after(after, limit)
         if events is not None:

@@ -492,7 +492,7 @@ async def test_a_consumer_reading_behind_the_head_finds_its_events_in_memory(
     log_path: Path,
 ) -> None:
     """During a burst an upstream reads thousands of events behind the input. The cache keeps
-    what a consumer that read lately still needs, up to LAGGING events: trimmed to RECENT, it
+    what a consumer that read lately still needs, up to queue_size events: trimmed to RECENT, it
     lost them just before they were read, and the upstream read every one back from SQLite,
     fell further behind, and stayed there (end to end, a quarter slower)."""
     async with EventLog.open(log_path, FAST) as log:
@@ -519,22 +519,22 @@ async def test_a_consumer_reading_behind_the_head_finds_its_events_in_memory(
 async def test_the_memory_held_for_a_lagging_consumer_is_bounded(
     log_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """At most LAGGING events before the latest commit, and only for a consumer that read
-    within LAGGING of the head within HOLD: one far behind reads SQLite anyway, and one that
-    stopped reading (an upstream backing off in an outage) holds nothing."""
-    monkeypatch.setattr(agent.log, "LAGGING", 5000)
-    async with EventLog.open(log_path, FAST) as log:
+    """At most queue_size events before the latest commit (the bound of what waits to be
+    committed too), and only for a consumer that read within queue_size of the head within
+    HOLD: one far behind reads SQLite anyway, and one that stopped reading (an upstream
+    backing off in an outage) holds nothing."""
+    async with EventLog.open(log_path, LogConfig(commit_interval=0.0, queue_size=5000)) as log:
         await log.register("c", [Stream.READINGS])
         recent = log._recent[Stream.READINGS]
         await log.append([reading(i) for i in range(6000)])
-        await log.read(Stream.READINGS, 0, 1)  # 6000 behind: beyond LAGGING, no hold
+        await log.read(Stream.READINGS, 0, 1)  # 6000 behind: beyond queue_size, no hold
         await log.append([reading(i) for i in range(100)])
         assert [e.seq for e in recent] == list(range(6001 - RECENT, 6101))
         await log.read(Stream.READINGS, 6100 - RECENT, 1)  # in memory, RECENT behind
         await log.append([reading(i) for i in range(4000)])
         assert next(iter(recent)).seq == 6101 - RECENT, "held for the reader"
         await log.append([reading(i) for i in range(4000)])
-        # The reader is now 8,000 + RECENT behind: the cache keeps LAGGING before the commit.
+        # The reader is now 8,000 + RECENT behind: the cache keeps queue_size before the commit.
         assert [e.seq for e in recent] == list(range(10101 - 5000, 14101))
         monkeypatch.setattr(agent.log, "HOLD", 0.0)  # the reader stopped reading long ago
         await log.append([reading(i) for i in range(10)])
