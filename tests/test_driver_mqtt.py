@@ -71,6 +71,19 @@ async def collect(driver: MqttDriver, n: int, ack: bool = True) -> list[Reading 
     return items
 
 
+async def received(
+    broker: Broker, cfg: MqttInputConfig, n: int, messages: list[tuple[str, bytes]]
+) -> list[Reading | Rejected]:
+    """What a driver of `cfg`, subscribed first, gives for `messages`: `n` items, acknowledged."""
+    driver = MqttDriver(cfg)
+    await driver.open()
+    try:
+        publish(broker, messages)
+        return await collect(driver, n)
+    finally:
+        await driver.close()
+
+
 def test_config_reads_protocol_and_rejects_what_cannot_work() -> None:
     from agent.config import ConfigError, parse_config
 
@@ -110,18 +123,12 @@ def test_topic_template() -> None:
 
 
 async def test_decodes_json_numbers_and_bad_payloads(broker: Broker) -> None:
-    driver = MqttDriver(config(broker, format="json"))
-    await driver.open()
-    try:
-        publish(broker, [
-            ("t/pi/temp", b'{"value": 21.5, "unit": "C"}'),
-            ("t/pi/x", b'{"sensor": "hum", "value": 40}'),
-            ("t/pi/temp", b"{not json"),
-            ("t/pi/temp", b'{"value": NaN}'),
-        ])  # fmt: skip
-        items = await collect(driver, 4)
-    finally:
-        await driver.close()
+    items = await received(broker, config(broker, format="json"), 4, [
+        ("t/pi/temp", b'{"value": 21.5, "unit": "C"}'),
+        ("t/pi/x", b'{"sensor": "hum", "value": 40}'),
+        ("t/pi/temp", b"{not json"),
+        ("t/pi/temp", b'{"value": NaN}'),
+    ])  # fmt: skip
     readings = [i for i in items if isinstance(i, Reading)]
     rejected = [i for i in items if isinstance(i, Rejected)]
     assert [(r.sensor, r.value, r.unit) for r in readings] == [
@@ -133,15 +140,12 @@ async def test_decodes_json_numbers_and_bad_payloads(broker: Broker) -> None:
 
 
 async def test_bare_number_payloads_take_the_sensor_from_the_topic(broker: Broker) -> None:
-    driver = MqttDriver(
-        config(broker, format="number", topic_template="t/{sensor}", topics=["t/+"])
+    items = await received(
+        broker,
+        config(broker, format="number", topic_template="t/{sensor}", topics=["t/+"]),
+        2,
+        [("t/temp", b"21.25"), ("t/temp", b"warm")],
     )
-    await driver.open()
-    try:
-        publish(broker, [("t/temp", b"21.25"), ("t/temp", b"warm")])
-        items = await collect(driver, 2)
-    finally:
-        await driver.close()
     assert isinstance(items[0], Reading) and (items[0].sensor, items[0].value) == ("temp", 21.25)
     assert isinstance(items[1], Rejected) and items[1].reason == "not_a_number"
 
@@ -164,13 +168,7 @@ async def test_unacknowledged_messages_are_redelivered(broker: Broker) -> None:
     assert sorted(r.value for r in redelivered if isinstance(r, Reading)) == [0, 1, 2, 3, 4]
     assert again.counters["redelivered"] == 5, "DUP flags counted"
     # Acknowledged now: a third session gets nothing more.
-    third = MqttDriver(cfg)
-    await third.open()
-    try:
-        publish(broker, [("t/pi/end", b'{"value": 99}')])
-        rest = await collect(third, 1)
-    finally:
-        await third.close()
+    rest = await received(broker, cfg, 1, [("t/pi/end", b'{"value": 99}')])
     assert [r.value for r in rest if isinstance(r, Reading)] == [99.0]
 
 
@@ -209,19 +207,14 @@ async def test_ack_is_a_callback_not_a_side_effect_of_reading(broker: Broker) ->
 
 async def test_json_mapping_with_a_query_dotted_paths_and_arrays(broker: Broker) -> None:
     mapping = {"sensor": "id", "value": "m.v", "unit": "u", "time": "at"}
-    driver = MqttDriver(config(broker, json_query="data.readings", mapping=mapping))
-    await driver.open()
-    try:
-        publish(broker, [
-            ("t/pi/x", b'{"data": {"readings": [{"id": "a", "m": {"v": 1.5}, "u": "C", "at": 1764170000},'
-                       b' {"m": {"v": 2}}]}}'),
-            ("t/pi/y", b'{"data": {"readings": {"m": {"v": 3}}}}'),
-            ("t/pi/z", b'{"data": {}}'),
-            ("t/pi/z", b'{"data": {"readings": [{"m": {"v": 4}}, {"m": {}}]}}'),
-        ])  # fmt: skip
-        items = await collect(driver, 5)
-    finally:
-        await driver.close()
+    cfg = config(broker, json_query="data.readings", mapping=mapping)
+    items = await received(broker, cfg, 5, [
+        ("t/pi/x", b'{"data": {"readings": [{"id": "a", "m": {"v": 1.5}, "u": "C", "at": 1764170000},'
+                   b' {"m": {"v": 2}}]}}'),
+        ("t/pi/y", b'{"data": {"readings": {"m": {"v": 3}}}}'),
+        ("t/pi/z", b'{"data": {}}'),
+        ("t/pi/z", b'{"data": {"readings": [{"m": {"v": 4}}, {"m": {}}]}}'),
+    ])  # fmt: skip
     readings = [(r.sensor, r.value, r.unit, r.time) for r in items if isinstance(r, Reading)]
     assert readings[0] == ("a", 1.5, "C", 1764170000.0)
     assert [r[:3] for r in readings[1:]] == [("pi.x", 2.0, None), ("pi.y", 3.0, None)]
@@ -234,20 +227,13 @@ async def test_json_mapping_with_a_query_dotted_paths_and_arrays(broker: Broker)
 
 
 async def test_json_dotted_sensor_path_falls_back_to_the_topic(broker: Broker) -> None:
-    driver = MqttDriver(
-        config(broker, json_query="items.0", mapping={"sensor": "meta.id", "time": "meta.at"})
-    )
-    await driver.open()
-    try:
-        publish(broker, [
-            ("t/pi/x", b'{"items": [{"meta": {"id": "a", "at": "2025-11-26T12:00:00Z"}, "value": 1}]}'),
-            ("t/pi/y", b'{"items": [{"meta": {"at": 1764170000}, "value": 2}, {"value": 9}]}'),
-            ("t/pi/z", b'{"items": [5]}'),
-            ("t/pi/n", b'{"items": [{"meta": {"id": null}, "value": 3}]}'),
-        ])  # fmt: skip
-        items = await collect(driver, 4)
-    finally:
-        await driver.close()
+    mapping = {"sensor": "meta.id", "time": "meta.at"}
+    items = await received(broker, config(broker, json_query="items.0", mapping=mapping), 4, [
+        ("t/pi/x", b'{"items": [{"meta": {"id": "a", "at": "2025-11-26T12:00:00Z"}, "value": 1}]}'),
+        ("t/pi/y", b'{"items": [{"meta": {"at": 1764170000}, "value": 2}, {"value": 9}]}'),
+        ("t/pi/z", b'{"items": [5]}'),
+        ("t/pi/n", b'{"items": [{"meta": {"id": null}, "value": 3}]}'),
+    ])  # fmt: skip
     readings = [(r.sensor, r.value, r.time) for r in items if isinstance(r, Reading)]
     assert readings[:2] == [("a", 1.0, 1764158400.0), ("pi.y", 2.0, 1764170000.0)]
     assert readings[2][:2] == ("pi.z", 5.0)  # a bare number: all but the value from the topic
@@ -256,17 +242,11 @@ async def test_json_dotted_sensor_path_falls_back_to_the_topic(broker: Broker) -
 
 
 async def test_json_arrays_and_bare_numbers_take_names_from_the_topic(broker: Broker) -> None:
-    driver = MqttDriver(config(broker))
-    await driver.open()
-    try:
-        publish(broker, [
-            ("t/pi/temp", b"21.5"),
-            ("t/pi/hum", b'[{"value": 40, "ts": "2025-11-26T12:00:00Z"}, {"sensor": "dew", "value": 9}]'),
-            ("t/pi/temp", b"true"),
-        ])  # fmt: skip
-        items = await collect(driver, 4)
-    finally:
-        await driver.close()
+    items = await received(broker, config(broker), 4, [
+        ("t/pi/temp", b"21.5"),
+        ("t/pi/hum", b'[{"value": 40, "ts": "2025-11-26T12:00:00Z"}, {"sensor": "dew", "value": 9}]'),
+        ("t/pi/temp", b"true"),
+    ])  # fmt: skip
     assert [(r.sensor, r.value) for r in items if isinstance(r, Reading)] == [
         ("pi.temp", 21.5),
         ("pi.hum", 40.0),
@@ -276,13 +256,12 @@ async def test_json_arrays_and_bare_numbers_take_names_from_the_topic(broker: Br
 
 
 async def test_csv_payloads_of_several_lines(broker: Broker) -> None:
-    driver = MqttDriver(config(broker, format="csv"))
-    await driver.open()
-    try:
-        publish(broker, [("t/x", b"a,1.5,C,\nb,2,,1764170000\n"), ("t/x", b"c,3,,\nd,x,,\n")])
-        items = await collect(driver, 3)
-    finally:
-        await driver.close()
+    items = await received(
+        broker,
+        config(broker, format="csv"),
+        3,
+        [("t/x", b"a,1.5,C,\nb,2,,1764170000\n"), ("t/x", b"c,3,,\nd,x,,\n")],
+    )
     assert [(r.sensor, r.value) for r in items if isinstance(r, Reading)] == [
         ("a", 1.5),
         ("b", 2.0),
@@ -292,13 +271,12 @@ async def test_csv_payloads_of_several_lines(broker: Broker) -> None:
 
 
 async def test_csv_columns_without_a_sensor_take_the_topics(broker: Broker) -> None:
-    driver = MqttDriver(config(broker, format="csv", csv_columns=["value", "unit"]))
-    await driver.open()
-    try:
-        publish(broker, [("t/pi/temp", b"21.5,C\n22,C"), ("t/nope", b"1,C")])
-        items = await collect(driver, 3)
-    finally:
-        await driver.close()
+    items = await received(
+        broker,
+        config(broker, format="csv", csv_columns=["value", "unit"]),
+        3,
+        [("t/pi/temp", b"21.5,C\n22,C"), ("t/nope", b"1,C")],
+    )
     assert [(r.sensor, r.value) for r in items if isinstance(r, Reading)] == [
         ("pi.temp", 21.5),
         ("pi.temp", 22.0),
@@ -307,17 +285,12 @@ async def test_csv_columns_without_a_sensor_take_the_topics(broker: Broker) -> N
 
 
 async def test_kv_payloads_long_and_wide(broker: Broker) -> None:
-    long = MqttDriver(config(broker, format="kv", wide=False, mapping={"time": "at"}))
-    await long.open()
-    try:
-        publish(broker, [
-            ("t/pi/x", b"sensor=a value=1.5 unit=C\nvalue: 2, at: 1764170000\r\n"),
-            ("t/pi/x", b"sensor=b value=3\nsensor=c"),
-            ("t/pi/x", b"value=4 value=5"),
-        ])  # fmt: skip
-        items = await collect(long, 4)
-    finally:
-        await long.close()
+    long = config(broker, format="kv", wide=False, mapping={"time": "at"})
+    items = await received(broker, long, 4, [
+        ("t/pi/x", b"sensor=a value=1.5 unit=C\nvalue: 2, at: 1764170000\r\n"),
+        ("t/pi/x", b"sensor=b value=3\nsensor=c"),
+        ("t/pi/x", b"value=4 value=5"),
+    ])  # fmt: skip
     readings = [(r.sensor, r.value, r.unit, r.time) for r in items if isinstance(r, Reading)]
     assert readings[0] == ("a", 1.5, "C", readings[0][3])
     assert readings[1] == ("pi.x", 2.0, None, 1764170000.0)
@@ -326,29 +299,22 @@ async def test_kv_payloads_long_and_wide(broker: Broker) -> None:
         ("missing_field", "line 2: no 'value'"),  # its sensor is there: the topic's is not used
         ("bad_pair", "key 'value' appears twice"),
     ]
-    wide = MqttDriver(config(broker, format="kv", ignore=["rssi"]))
-    await wide.open()
-    try:
-        publish(broker, [("t/pi/x", b"t1=21.5,t2= ;rssi=-70 unit=C ts=1764170000")])
-        items = await collect(wide, 1)
-    finally:
-        await wide.close()
+    items = await received(
+        broker,
+        config(broker, format="kv", ignore=["rssi"]),
+        1,
+        [("t/pi/x", b"t1=21.5,t2= ;rssi=-70 unit=C ts=1764170000")],
+    )
     assert [(r.sensor, r.value, r.unit, r.time) for r in items] == [("t1", 21.5, "C", 1764170000.0)]
 
 
 async def test_regex_payloads_with_an_optional_sensor_group(broker: Broker) -> None:
     pattern = r"^(?:(?P<sensor>[a-z]\w*) )?(?P<value>-?[0-9.]+) ?(?P<unit>[^\s0-9.]+)?$"
-    driver = MqttDriver(config(broker, format="regex", regex=pattern))
-    await driver.open()
-    try:
-        publish(broker, [
-            ("t/pi/x", b"a 21.5 C\n-3 %\n\n7"),
-            ("t/pi/x", b"status ok"),
-            ("t/nope", b"8"),
-        ])  # fmt: skip
-        items = await collect(driver, 5)
-    finally:
-        await driver.close()
+    items = await received(broker, config(broker, format="regex", regex=pattern), 5, [
+        ("t/pi/x", b"a 21.5 C\n-3 %\n\n7"),
+        ("t/pi/x", b"status ok"),
+        ("t/nope", b"8"),
+    ])  # fmt: skip
     assert [(r.sensor, r.value, r.unit) for r in items if isinstance(r, Reading)] == [
         ("a", 21.5, "C"),
         ("pi.x", -3.0, "%"),
@@ -364,21 +330,9 @@ async def test_regex_payloads_with_an_optional_sensor_group(broker: Broker) -> N
 async def test_empty_payloads_are_acknowledged_and_hold_no_reading(broker: Broker) -> None:
     """An empty payload is how a retained value is deleted: not a reading, not bad input."""
     cfg = config(broker)
-    driver = MqttDriver(cfg)
-    await driver.open()
-    try:
-        publish(broker, [("t/pi/a", b""), ("t/pi/a", b'{"value": 1}')])
-        items = await collect(driver, 1)
-    finally:
-        await driver.close()
+    items = await received(broker, cfg, 1, [("t/pi/a", b""), ("t/pi/a", b'{"value": 1}')])
     assert [(i.sensor, i.value) for i in items if isinstance(i, Reading)] == [("pi.a", 1.0)]
-    again = MqttDriver(cfg)
-    await again.open()
-    try:
-        publish(broker, [("t/pi/end", b'{"value": 2}')])
-        rest = await collect(again, 1)
-    finally:
-        await again.close()
+    rest = await received(broker, cfg, 1, [("t/pi/end", b'{"value": 2}')])
     assert [i.value for i in rest if isinstance(i, Reading)] == [2.0], "the empty one was acked"
 
 
