@@ -214,9 +214,8 @@ class _Recent:
 
     def drop_through(self, seq: int) -> None:
         """Drop the events up to `seq` (deleted from the log)."""
-        events, start = self._events, self._start
-        if start < len(events):
-            self.keep(len(events) - min(len(events), start + max(0, seq + 1 - events[start].seq)))
+        if self._start < len(self._events):  # contiguous seqs: the newest says how many follow
+            self.keep(self._events[-1].seq - seq)
 
 
 @dataclass(slots=True)
